@@ -1,0 +1,153 @@
+"""How fast is `gradience audit` on a Mistral-7B-shaped adapter, and what does it cost?
+
+Writes a bf16 adapter shaped like Mistral-7B's attention LoRA (32 layers; q/o 4096×4096,
+k/v 1024 out × 4096 in; r=32), then measures in one run, side by side:
+
+- whole-process `gradience audit --json` wall time and peak RSS (a fresh interpreter);
+- the time to merely read the file's bytes (the floor any audit pays);
+- the in-process audit time, and its ratio to the read time;
+- a dense baseline: forming ΔW and taking its full SVD, timed on a few modules and
+  extrapolated to all of them;
+- whether `import gradience` or the audit path imports torch.
+
+Usage: python benchmarks/audit_speed.py [--layers 32] [--rank 32] [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import os
+
+# Same BLAS setting as the `gradience` CLI, so in-process figures compare like for like.
+for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_var, "1")
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+
+OUT = Path(__file__).resolve().parent / "out" / "mistral7b_r32"
+SHAPES = {"q_proj": (4096, 4096), "k_proj": (1024, 4096), "v_proj": (1024, 4096), "o_proj": (4096, 4096)}
+
+
+def write_adapter(directory: Path, layers: int, rank: int) -> Path:
+    from safetensors.numpy import save_file
+
+    directory.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    decay = np.exp(-np.arange(rank) / 4.0)  # a realistic, fast-decaying spectrum
+    tensors = {}
+    for layer in range(layers):
+        for proj, (out_f, in_f) in SHAPES.items():
+            key = f"base_model.model.model.layers.{layer}.self_attn.{proj}"
+            a = rng.standard_normal((rank, in_f), dtype=np.float32) * 0.01
+            b = rng.standard_normal((out_f, rank), dtype=np.float32) * decay * 0.01
+            tensors[f"{key}.lora_A.weight"] = a.astype(ml_dtypes.bfloat16)
+            tensors[f"{key}.lora_B.weight"] = b.astype(ml_dtypes.bfloat16)
+    save_file(tensors, str(directory / "adapter_model.safetensors"))
+    config = {"peft_type": "LORA", "r": rank, "lora_alpha": rank, "target_modules": list(SHAPES),
+              "base_model_name_or_path": "mistralai/Mistral-7B-v0.1"}
+    (directory / "adapter_config.json").write_text(json.dumps(config))
+    return directory
+
+
+# Peak RSS survives exec, so a child forked from this (large) process would report our size.
+# A bare interpreter spawns the command instead and reports the child's own wall time and peak.
+_LAUNCHER = """
+import os, sys, time
+t = time.perf_counter()
+pid = os.posix_spawn(sys.argv[1], sys.argv[1:], os.environ,
+                     file_actions=[(os.POSIX_SPAWN_OPEN, 1, os.devnull, os.O_WRONLY, 0)])
+_, status, usage = os.wait4(pid, 0)
+print(time.perf_counter() - t, usage.ru_maxrss, os.waitstatus_to_exitcode(status))
+"""
+
+
+def whole_process(directory: Path) -> tuple[float, float]:
+    """Wall seconds and peak RSS (MiB) of one `gradience audit --json` process."""
+    exe = str(Path(sys.executable).parent / "gradience")
+    cmd = [sys.executable, "-S", "-c", _LAUNCHER, exe, "audit", "--peft-dir", str(directory), "--json"]
+    wall, rss_kib, code = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.split()
+    if int(code) != 0:
+        raise SystemExit("gradience audit failed")
+    return float(wall), int(rss_kib) / 1024.0
+
+
+def read_bytes(path: Path) -> float:
+    t0 = time.perf_counter()
+    with open(path, "rb") as fh:
+        while fh.read(1 << 24):
+            pass
+    return time.perf_counter() - t0
+
+
+def in_process_audit(directory: Path) -> float:
+    from gradience.audit import audit
+
+    t0 = time.perf_counter()
+    audit(directory)
+    return time.perf_counter() - t0
+
+
+def dense_baseline(directory: Path, n_modules: int = 2) -> tuple[float, int]:
+    """Seconds per module for form-ΔW-then-full-SVD, on the first modules."""
+    from gradience.adapter import Adapter
+
+    mods = []
+    for m in Adapter.open(directory).modules():  # one k_proj (1024×4096), one q_proj (4096×4096)
+        mods.append(m)
+        if len(mods) == n_modules:
+            break
+    t0 = time.perf_counter()
+    for m in mods:
+        dw = m.scale * (m.lora_B.astype(np.float64) @ m.lora_A.astype(np.float64))  # type: ignore[union-attr]
+        np.linalg.svd(dw, compute_uv=False)
+    return (time.perf_counter() - t0) / len(mods), len(mods)
+
+
+def imports_torch(code: str) -> bool:
+    out = subprocess.run([sys.executable, "-X", "importtime", "-c", code], capture_output=True, text=True, check=True)
+    return any(line.rstrip().endswith((" torch", "| torch")) for line in out.stderr.splitlines())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--layers", type=int, default=32)
+    parser.add_argument("--rank", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+
+    directory = write_adapter(OUT, args.layers, args.rank)
+    weights = directory / "adapter_model.safetensors"
+    size_mib = weights.stat().st_size / 2**20
+    n_modules = args.layers * len(SHAPES)
+    read_bytes(weights)  # warm the page cache so every figure below reads from memory
+
+    procs = [whole_process(directory) for _ in range(args.repeats)]
+    wall = statistics.median(p[0] for p in procs)
+    rss = max(p[1] for p in procs)
+    read = statistics.median(read_bytes(weights) for _ in range(args.repeats))
+    inproc = statistics.median(in_process_audit(directory) for _ in range(args.repeats))
+    dense_per_module, n_dense = dense_baseline(directory)
+    torch_on_import = imports_torch("import gradience")
+    torch_on_audit = imports_torch(f"from gradience.audit import audit; audit({str(directory)!r})")
+
+    print(f"adapter: {n_modules} modules, r={args.rank}, bf16, {size_mib:.1f} MiB ({weights})")
+    print(f"whole process `gradience audit --json`: {wall:.3f} s wall (median of {args.repeats})   target < 1 s")
+    print(f"peak RSS of that process: {rss:.1f} MiB = {rss / size_mib:.2f}x file size   target < 1.5x")
+    print(f"read the file's bytes: {read * 1000:.1f} ms")
+    print(f"in-process audit (read + QR core + report): {inproc * 1000:.1f} ms = {inproc / read:.1f}x read time   target < 2x")
+    print(f"dense baseline (form dW, full SVD): {dense_per_module:.3f} s/module on {n_dense} modules"
+          f" -> ~{dense_per_module * n_modules:.0f} s for all {n_modules}; the QR audit is"
+          f" {dense_per_module * n_modules / inproc:.0f}x faster")
+    print(f"torch imported by `import gradience`: {torch_on_import}; by the audit path: {torch_on_audit}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,332 @@
+"""Spectral audit of a saved LoRA adapter: where rank is used, where it is wasted.
+
+`audit(path)` reads the adapter a module at a time, computes each update's spectrum with
+the QR core, and returns an `AuditReport`: per-module metrics, aggregates, the most
+wasteful modules, a per-type and per-layer view, and rank suggestions. Suggestions are
+hypotheses about the adapter's geometry; only an eval can confirm them.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from gradience.adapter import Adapter, LoraModule, ModuleProblem, layer_index, module_type
+from gradience.errors import UsageError
+from gradience.spectrum import core_singular_values, spectrum_metrics
+
+HYPOTHESIS_NOTE = (
+    "Suggested ranks describe this adapter's geometry, not its quality: "
+    "treat them as hypotheses and verify with an eval on held-out data."
+)
+DORA_NOTE = (
+    "DoRA adapter: the audit covers the low-rank B·A part only; the magnitude vector "
+    "rescales the merged weight and needs the base weights to account for."
+)
+
+
+@dataclass(frozen=True)
+class ModuleAudit:
+    """Metrics of one module's update ΔW = scale · B · A (names as in DESIGN.md)."""
+
+    name: str
+    type: str
+    layer: int | None
+    kind: str
+    shape: tuple[int, int]
+    r: int
+    alpha: float
+    scale: float
+    params: int
+    status: str  # "ok", "zero" or "nonfinite"
+    frobenius_norm: float | None = None
+    sigma_max: float | None = None
+    stable_rank: float | None = None
+    utilization: float | None = None
+    energy_rank_90: int | None = None
+    energy_rank: int | None = None
+    effective_rank: float | None = None
+    numerical_rank: int | None = None
+    singular_values: tuple[float, ...] = ()
+
+
+@dataclass(frozen=True)
+class Summary:
+    """Aggregates over auditable modules (non-finite ones are excluded and reported)."""
+
+    lora_params: int
+    n_modules: int
+    n_layers: int
+    stable_rank_mean: float
+    stable_rank_median: float
+    utilization_mean: float
+    utilization_median: float
+    energy_rank_p50: float
+    energy_rank_p90: float
+    effective_rank_mean: float
+    frobenius_norm_total: float
+    sigma_max_max: float
+
+
+@dataclass(frozen=True)
+class TypeBreakdown:
+    type: str
+    n_modules: int
+    params: int
+    stable_rank_mean: float
+    utilization_mean: float
+    energy_rank_p50: float
+    energy_rank_p90: float
+
+
+@dataclass(frozen=True)
+class LayerGain:
+    layer: int
+    energy: float  # Σ ‖ΔW‖_F² over the layer's modules
+    share: float
+
+
+@dataclass(frozen=True)
+class GainView:
+    """How update energy spreads over transformer layers.
+
+    `concentration` is the normalised Herfindahl index of the layer shares: 0 when every
+    layer carries the same energy, 1 when one layer carries all of it.
+    """
+
+    layers: tuple[LayerGain, ...]
+    concentration: float
+    top_layers: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class RankSuggestion:
+    grid: tuple[int, ...]
+    energy_fraction: float
+    uniform_median: int
+    uniform_p90: int
+    at_allocated_rank: bool  # p90 needs the full rank: the data cannot say if more would help
+    rank_pattern: dict[str, int]
+    note: str = HYPOTHESIS_NOTE
+
+
+@dataclass(frozen=True)
+class AuditReport:
+    """Everything `gradience audit` prints; `to_dict()` is exactly what `--json` prints."""
+
+    peft_dir: str
+    config_path: str
+    weights_path: str
+    r: int
+    lora_alpha: float
+    use_rslora: bool
+    use_dora: bool
+    energy_fraction: float
+    summary: Summary
+    wasteful: tuple[ModuleAudit, ...]
+    by_type: tuple[TypeBreakdown, ...]
+    gain: GainView
+    suggestion: RankSuggestion
+    warnings: tuple[str, ...]
+    problems: tuple[dict[str, str], ...]
+    modules: tuple[ModuleAudit, ...] = field(default=(), repr=False)
+
+    def to_dict(self, include_modules: bool = True) -> dict[str, Any]:
+        d = asdict(self)
+        if not include_modules:
+            d.pop("modules")
+        return d
+
+
+def default_grid(max_rank: int) -> tuple[int, ...]:
+    """Powers of two up to the allocated rank, plus the rank itself."""
+    grid = {1 << k for k in range(max_rank.bit_length()) if (1 << k) <= max_rank}
+    return tuple(sorted(grid | {max_rank}))
+
+
+def round_up(value: float, grid: Sequence[int]) -> int:
+    """Smallest grid point ≥ value (the grid's largest point if none is)."""
+    for g in sorted(grid):
+        if g >= value - 1e-9:
+            return int(g)
+    return int(max(grid))
+
+
+def audit_module(module: LoraModule, energy: float = 0.9) -> ModuleAudit:
+    """Metrics of one module; non-finite factors give status `nonfinite`, not an error."""
+    base = dict(
+        name=module.name, type=module_type(module.name, module.kind), layer=layer_index(module.name),
+        kind=module.kind, shape=module.shape, r=module.r, alpha=module.alpha, scale=module.scale,
+        params=module.params,
+    )
+    a = np.asarray(module.lora_A, dtype=np.float64)
+    b = np.asarray(module.lora_B, dtype=np.float64)
+    if not (np.isfinite(a).all() and np.isfinite(b).all()):
+        return ModuleAudit(status="nonfinite", **base)  # type: ignore[arg-type]
+    sigma = core_singular_values(a, b, module.scale)
+    m = spectrum_metrics(sigma, module.r, module.shape, energy)
+    return ModuleAudit(
+        status="zero" if m.is_zero else "ok",
+        frobenius_norm=m.frobenius_norm, sigma_max=m.sigma_max, stable_rank=m.stable_rank,
+        utilization=m.utilization, energy_rank_90=m.energy_rank_90, energy_rank=m.energy_rank,
+        effective_rank=m.effective_rank, numerical_rank=m.numerical_rank,
+        singular_values=tuple(float(x) for x in sigma),
+        **base,  # type: ignore[arg-type]
+    )
+
+
+def audit(
+    peft_dir: str | Path,
+    *,
+    adapter_config: str | Path | None = None,
+    weights: str | Path | None = None,
+    energy: float = 0.9,
+    top_wasteful: int = 10,
+    grid: Sequence[int] | None = None,
+) -> AuditReport:
+    """Audit a saved PEFT LoRA adapter.
+
+    Args:
+        peft_dir: folder with `adapter_config.json` and `adapter_model.safetensors`.
+        adapter_config, weights: override the files inside `peft_dir`.
+        energy: energy fraction for `energy_rank` and the rank suggestions.
+        top_wasteful: how many lowest-utilization modules to list.
+        grid: ranks the uniform suggestions round up to (default: powers of two ≤ r, and r).
+
+    Returns:
+        AuditReport (deterministic: no timestamps).
+
+    Raises:
+        UsageError: missing files or bad arguments. AdapterError: unreadable adapter.
+
+    Example:
+        >>> report = audit("runs/toy/peft")          # doctest: +SKIP
+        >>> report.suggestion.uniform_p90            # doctest: +SKIP
+        4
+    """
+    if not 0.0 < energy <= 1.0:
+        raise UsageError(f"--energy must be in (0, 1], got {energy}")
+    if top_wasteful < 0:
+        raise UsageError(f"--top-wasteful must be >= 0, got {top_wasteful}")
+    adapter = Adapter.open(peft_dir, adapter_config, weights)
+    rows: list[ModuleAudit] = []
+    problems: list[dict[str, str]] = []
+    for item in adapter.modules():
+        if isinstance(item, ModuleProblem):
+            problems.append({"module": item.name, "problem": item.message})
+        else:
+            rows.append(audit_module(item, energy))
+    return _report(adapter, peft_dir, rows, problems, energy, top_wasteful, grid)
+
+
+def _report(
+    adapter: Adapter, peft_dir: str | Path, rows: list[ModuleAudit], problems: list[dict[str, str]],
+    energy: float, top_wasteful: int, grid: Sequence[int] | None,
+) -> AuditReport:
+    good = [m for m in rows if m.status != "nonfinite"]
+    warnings = _warnings(adapter, rows, problems)
+    max_r = max((m.r for m in rows), default=adapter.settings.r)
+    return AuditReport(
+        peft_dir=str(peft_dir), config_path=str(adapter.config_path),
+        weights_path=str(adapter.weights_path), r=adapter.settings.r,
+        lora_alpha=adapter.settings.lora_alpha, use_rslora=adapter.settings.use_rslora,
+        use_dora=adapter.is_dora,
+        energy_fraction=energy,
+        summary=_summary(rows, good),
+        wasteful=tuple(sorted(good, key=lambda m: (m.utilization or 0.0, m.name))[:top_wasteful]),
+        by_type=_by_type(good), gain=_gain(good),
+        suggestion=_suggest(good, energy, tuple(grid) if grid else default_grid(max_r)),
+        warnings=tuple(warnings), problems=tuple(problems), modules=tuple(rows),
+    )
+
+
+def _mean(xs: Sequence[float]) -> float:
+    return float(np.mean(xs)) if xs else 0.0
+
+
+def _pct(xs: Sequence[float], q: float) -> float:
+    return float(np.percentile(xs, q)) if xs else 0.0
+
+
+def _summary(rows: list[ModuleAudit], good: list[ModuleAudit]) -> Summary:
+    sr = [m.stable_rank or 0.0 for m in good]
+    ut = [m.utilization or 0.0 for m in good]
+    er = [float(m.energy_rank or 0) for m in good]
+    return Summary(
+        lora_params=sum(m.params for m in rows), n_modules=len(rows),
+        n_layers=len({m.layer for m in rows if m.layer is not None}),
+        stable_rank_mean=_mean(sr), stable_rank_median=float(np.median(sr)) if sr else 0.0,
+        utilization_mean=_mean(ut), utilization_median=float(np.median(ut)) if ut else 0.0,
+        energy_rank_p50=_pct(er, 50), energy_rank_p90=_pct(er, 90),
+        effective_rank_mean=_mean([m.effective_rank or 0.0 for m in good]),
+        frobenius_norm_total=math.sqrt(sum((m.frobenius_norm or 0.0) ** 2 for m in good)),
+        sigma_max_max=max((m.sigma_max or 0.0 for m in good), default=0.0),
+    )
+
+
+def _by_type(good: list[ModuleAudit]) -> tuple[TypeBreakdown, ...]:
+    groups: dict[str, list[ModuleAudit]] = defaultdict(list)
+    for m in good:
+        groups[m.type].append(m)
+    out = []
+    for t in sorted(groups):
+        ms = groups[t]
+        er = [float(m.energy_rank or 0) for m in ms]
+        out.append(TypeBreakdown(
+            type=t, n_modules=len(ms), params=sum(m.params for m in ms),
+            stable_rank_mean=_mean([m.stable_rank or 0.0 for m in ms]),
+            utilization_mean=_mean([m.utilization or 0.0 for m in ms]),
+            energy_rank_p50=_pct(er, 50), energy_rank_p90=_pct(er, 90),
+        ))
+    return tuple(out)
+
+
+def _gain(good: list[ModuleAudit]) -> GainView:
+    energy: dict[int, float] = defaultdict(float)
+    for m in good:
+        if m.layer is not None:
+            energy[m.layer] += (m.frobenius_norm or 0.0) ** 2
+    total = sum(energy.values())
+    layers = tuple(
+        LayerGain(layer=k, energy=v, share=v / total if total > 0 else 0.0) for k, v in sorted(energy.items())
+    )
+    n = len(layers)
+    hhi = sum(g.share**2 for g in layers)
+    concentration = (hhi - 1.0 / n) / (1.0 - 1.0 / n) if n > 1 and total > 0 else 0.0
+    top = tuple(g.layer for g in sorted(layers, key=lambda g: (-g.share, g.layer))[:3])
+    return GainView(layers=layers, concentration=max(0.0, concentration), top_layers=top)
+
+
+def _suggest(good: list[ModuleAudit], energy: float, grid: tuple[int, ...]) -> RankSuggestion:
+    er = [float(m.energy_rank or 0) for m in good]
+    p50, p90 = _pct(er, 50), _pct(er, 90)
+    max_r = max((m.r for m in good), default=max(grid))
+    median, worst = round_up(max(p50, 1.0), grid), round_up(max(p90, 1.0), grid)
+    pattern = {m.name: max(1, min(m.r, m.energy_rank or 1)) for m in good}
+    return RankSuggestion(
+        grid=grid, energy_fraction=energy, uniform_median=min(median, max_r),
+        uniform_p90=min(worst, max_r), at_allocated_rank=worst >= max_r, rank_pattern=pattern,
+    )
+
+
+def _warnings(adapter: Adapter, rows: list[ModuleAudit], problems: list[dict[str, str]]) -> list[str]:
+    out = []
+    for label, keys in adapter.unmatched_pattern_keys().items():
+        out.append(f"{label} keys that match no module (typo?): {', '.join(keys)}")
+    if adapter.is_dora:
+        out.append(DORA_NOTE)
+    zero = [m.name for m in rows if m.status == "zero"]
+    if zero:
+        out.append(f"{len(zero)} module(s) have an all-zero update (untrained, or B still at init): {', '.join(zero[:5])}")
+    bad = [m.name for m in rows if m.status == "nonfinite"]
+    if bad:
+        out.append(f"{len(bad)} module(s) hold NaN/Inf weights and are left out of the aggregates: {', '.join(bad[:5])}")
+    if problems:
+        out.append(f"{len(problems)} module(s) could not be read; see problems")
+    return out

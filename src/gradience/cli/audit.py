@@ -1,0 +1,123 @@
+"""`gradience audit`: spectral audit of a saved PEFT LoRA adapter."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from gradience.audit import AuditReport, audit
+from gradience.cli._output import emit_json, header, human_count, num, pct
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser("audit", help="spectral audit of a saved PEFT LoRA adapter")
+    p.add_argument("--peft-dir", required=True, help="folder with adapter_config.json and weights")
+    p.add_argument("--adapter-config", help="use this adapter_config.json instead of the one in --peft-dir")
+    p.add_argument("--weights", help="use this weights file instead of the one in --peft-dir")
+    p.add_argument("--top-wasteful", type=int, default=10, metavar="N", help="list the N lowest-utilization modules")
+    p.add_argument("--layers", action="store_true", help="show (and put in --json) every module's metrics")
+    p.add_argument("--energy", type=float, default=0.9, help="energy fraction for k@q and suggestions (default 0.9)")
+    p.add_argument("--json", action="store_true", help="print the AuditReport as JSON")
+    p.add_argument("--append", metavar="RUN_JSONL", help="add the audit as a metrics event to this run log")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    report = audit(
+        args.peft_dir, adapter_config=args.adapter_config, weights=args.weights,
+        energy=args.energy, top_wasteful=args.top_wasteful,
+    )
+    if args.append:
+        append_to_log(report, args.append)
+    if args.json:
+        emit_json(report.to_dict(include_modules=args.layers))
+    else:
+        print("\n".join(render(report, layers=args.layers)))
+    return 0
+
+
+def append_to_log(report: AuditReport, log_path: str) -> None:
+    """One `metrics` record of kind `lora_audit`, added without touching existing lines."""
+    from gradience.telemetry import append_record_atomic
+
+    s, g = report.summary, report.suggestion
+    append_record_atomic(
+        log_path, "metrics", kind="lora_audit", peft_dir=report.peft_dir,
+        metrics={
+            "lora_params": s.lora_params, "n_modules": s.n_modules, "n_layers": s.n_layers,
+            "stable_rank_mean": s.stable_rank_mean, "utilization_mean": s.utilization_mean,
+            "energy_rank_p50": s.energy_rank_p50, "energy_rank_p90": s.energy_rank_p90,
+            "frobenius_norm": s.frobenius_norm_total, "sigma_max": s.sigma_max_max,
+        },
+        suggestion={"energy_fraction": g.energy_fraction, "uniform_median": g.uniform_median, "uniform_p90": g.uniform_p90},
+    )
+
+
+def render(report: AuditReport, layers: bool = False) -> list[str]:
+    s, g = report.summary, report.suggestion
+    q = f"{round(100 * report.energy_fraction):d}%"
+    out = header("GRADIENCE LoRA AUDIT")
+    out += [
+        f"PEFT dir: {report.peft_dir}",
+        f"Config: {report.config_path}",
+        f"Weights: {report.weights_path}",
+        f"LoRA: r={report.r} alpha={num(report.lora_alpha)} rsLoRA={'yes' if report.use_rslora else 'no'}"
+        f" DoRA={'yes' if report.use_dora else 'no'}",
+        "",
+        "Summary:",
+        f"  LoRA params: {human_count(s.lora_params)}",
+        f"  Modules: {s.n_modules}  Layers: {s.n_layers}",
+        f"  Stable rank (mean): {s.stable_rank_mean:.2f}",
+        f"  Utilization (mean): {pct(s.utilization_mean)}",
+        f"  Energy rank k@{q} (p50/p90): {num(s.energy_rank_p50, 1)}/{num(s.energy_rank_p90, 1)}",
+    ]
+    if report.wasteful:
+        out += ["", f"Most wasteful modules (lowest utilization, top {len(report.wasteful)}):"]
+        for i, m in enumerate(report.wasteful, 1):
+            out.append(
+                f"  {i:02d}. {m.type:<5} r={m.r:<3} util={pct(m.utilization):>6} sr={num(m.stable_rank)}"
+                f" k@{q}={m.energy_rank}  {m.name}"
+            )
+    out += ["", "By module type:"]
+    for t in report.by_type:
+        out.append(
+            f"  {t.type:<5} modules={t.n_modules:<4} params={human_count(t.params):<7}"
+            f" sr={t.stable_rank_mean:.2f} util={pct(t.utilization_mean)}"
+            f" k@{q} p50/p90={num(t.energy_rank_p50, 1)}/{num(t.energy_rank_p90, 1)}"
+        )
+    out += _render_gain(report)
+    out += [
+        "",
+        f"Suggested ranks (energy {q}, rounded up on grid {','.join(map(str, g.grid))}):",
+        f"  uniform, typical (p50 of k@{q}):      r={g.uniform_median}",
+        f"  uniform, conservative (p90 of k@{q}): r={g.uniform_p90}",
+        f"  per-module rank_pattern: {len(g.rank_pattern)} modules (full map in --json)",
+    ]
+    if g.at_allocated_rank:
+        out.append("  The conservative suggestion is the allocated rank: this adapter may use all of it.")
+    out.append(f"  {g.note}")
+    if layers:
+        out += ["", "Modules:"]
+        for m in report.modules:
+            out.append(
+                f"  {m.name}  {m.type} {m.kind} {m.shape[0]}x{m.shape[1]} r={m.r} status={m.status}"
+                f" |dW|_F={num(m.frobenius_norm, 4)} sigma_max={num(m.sigma_max, 4)}"
+                f" sr={num(m.stable_rank)} util={pct(m.utilization)} k@90%={m.energy_rank_90}"
+            )
+    if report.warnings:
+        out += ["", "Warnings:"] + [f"  - {w}" for w in report.warnings]
+    if report.problems:
+        out += ["", "Problems:"] + [f"  - {p['module']}: {p['problem']}" for p in report.problems]
+    return out
+
+
+def _render_gain(report: AuditReport) -> list[str]:
+    gain = report.gain
+    if not gain.layers:
+        return []
+    out = ["", f"Update energy by layer (concentration {gain.concentration:.2f}; 0 = even, 1 = one layer):"]
+    peak = max(lg.share for lg in gain.layers) or 1.0
+    for lg in gain.layers:
+        bar = "#" * max(0, round(24 * lg.share / peak))
+        out.append(f"  layer {lg.layer:>3} {pct(lg.share):>6} {bar}")
+    return out

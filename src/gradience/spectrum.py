@@ -1,0 +1,153 @@
+"""Singular values of a factored LoRA update, and every metric derived from them.
+
+A LoRA update is ΔW = s · B · A with A: (r, in) and B: (out, r). Its singular values are
+those of the r×r core R_B · R_Aᵀ, where B = Q_B R_B and Aᵀ = Q_A R_A are thin QR
+factorisations: the orthonormal factors do not change singular values. That costs
+O((in + out) · r²) and never forms the out×in matrix.
+
+This is the only place in Gradience that computes a spectrum. The core works on numpy
+arrays and, unchanged, on torch tensors (the training callback passes live weights on
+their device), stacked or not: a batch of modules of equal shape is one call.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+FLOAT32_EPS = float(np.finfo(np.float32).eps)
+# Cumulative-energy comparisons tolerate this much relative rounding, so that a spectrum
+# whose first k values hold exactly q of the energy reports k, not k + 1.
+_ENERGY_RTOL = 1e-12
+
+
+def _namespace(x: Any) -> Any:
+    """The array module of `x`: numpy, or torch when `x` is a torch tensor (never imported here)."""
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(x, torch.Tensor):
+        return torch
+    return np
+
+
+def _upcast(x: Any, xp: Any) -> Any:
+    if xp is np:
+        return np.asarray(x, dtype=np.float64)
+    return x.to(xp.float64)
+
+
+def _r_factor(x: Any, xp: Any) -> Any:
+    """R of a thin QR of the last two axes; Q is never formed."""
+    if xp is np:
+        return np.linalg.qr(x, mode="r")
+    return xp.linalg.qr(x, mode="r")[1]
+
+
+def core_singular_values(lora_A: Any, lora_B: Any, scale: float = 1.0) -> Any:
+    """Singular values of `scale · lora_B @ lora_A`, descending, in float64.
+
+    Args:
+        lora_A: (..., r, in) array or tensor; leading axes batch modules of equal shape.
+        lora_B: (..., out, r) array or tensor with the same leading axes.
+        scale: the LoRA scaling s (alpha / r, or alpha / sqrt(r) for rsLoRA).
+
+    Returns:
+        (..., min(r, in, out)) float64 values of the same array type as the inputs
+        (a torch tensor stays on its device).
+
+    Example:
+        >>> A = np.eye(2, 3); B = np.diag([3.0, 1.0])
+        >>> core_singular_values(A, B, scale=0.5).tolist()
+        [1.5, 0.5]
+    """
+    xp = _namespace(lora_A)
+    a = _upcast(lora_A, xp)
+    b = _upcast(lora_B, xp)
+    if a.shape[-2] != b.shape[-1]:
+        raise ValueError(f"rank mismatch: lora_A has r={a.shape[-2]}, lora_B has r={b.shape[-1]}")
+    r_b = _r_factor(b, xp)  # (..., min(out, r), r)
+    r_a = _r_factor(a.swapaxes(-1, -2), xp)  # (..., min(in, r), r)
+    core = r_b @ r_a.swapaxes(-1, -2)
+    sigma = np.linalg.svd(core, compute_uv=False) if xp is np else xp.linalg.svdvals(core)
+    return sigma * abs(float(scale))
+
+
+def energy_rank(sigma: np.ndarray, fraction: float = 0.9) -> int:
+    """Smallest k whose top-k singular values hold `fraction` of the energy Σσ².
+
+    Returns 0 for an all-zero spectrum.
+    """
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"energy fraction must be in (0, 1], got {fraction}")
+    energy = np.cumsum(np.square(np.asarray(sigma, dtype=np.float64)))
+    if energy.size == 0 or energy[-1] <= 0.0:
+        return 0
+    target = fraction * energy[-1] * (1.0 - _ENERGY_RTOL)
+    return int(np.searchsorted(energy, target, side="left")) + 1
+
+
+@dataclass(frozen=True)
+class SpectrumMetrics:
+    """The metrics of DESIGN.md for one update, all derived from one singular-value vector."""
+
+    rank: int
+    frobenius_norm: float
+    sigma_max: float
+    stable_rank: float
+    utilization: float
+    energy_rank_90: int
+    energy_rank: int
+    energy_fraction: float
+    effective_rank: float
+    numerical_rank: int
+    is_zero: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def spectrum_metrics(
+    sigma: np.ndarray,
+    rank: int,
+    shape: tuple[int, int],
+    energy_fraction: float = 0.9,
+) -> SpectrumMetrics:
+    """Every structural metric of one update from its singular values.
+
+    Args:
+        sigma: singular values (any order; negative or non-finite values are a caller bug).
+        rank: the allocated LoRA rank r (denominator of utilization).
+        shape: (out, in) of the update, for the numerical-rank tolerance.
+        energy_fraction: the fraction for `energy_rank` (`energy_rank_90` is always at 0.90).
+
+    Returns:
+        SpectrumMetrics. An all-zero update has stable, energy, effective and numerical
+        rank 0 and `is_zero=True`, so callers can flag it rather than divide by zero.
+    """
+    s = np.sort(np.asarray(sigma, dtype=np.float64).ravel())[::-1]
+    if rank <= 0:
+        raise ValueError(f"allocated rank must be positive, got {rank}")
+    total = float(np.sum(np.square(s)))
+    smax = float(s[0]) if s.size else 0.0
+    if total <= 0.0 or smax <= 0.0:
+        return SpectrumMetrics(rank, 0.0, 0.0, 0.0, 0.0, 0, 0, energy_fraction, 0.0, 0, True)
+    stable = total / (smax * smax)
+    p = s[s > 0.0] / float(np.sum(s))
+    effective = math.exp(float(-np.sum(p * np.log(p))))
+    tol = smax * max(shape) * FLOAT32_EPS
+    return SpectrumMetrics(
+        rank=rank,
+        frobenius_norm=math.sqrt(total),
+        sigma_max=smax,
+        stable_rank=stable,
+        utilization=stable / rank,
+        energy_rank_90=energy_rank(s, 0.9),
+        energy_rank=energy_rank(s, energy_fraction),
+        energy_fraction=energy_fraction,
+        effective_rank=effective,
+        numerical_rank=int(np.count_nonzero(s > tol)),
+        is_zero=False,
+    )

@@ -1,0 +1,123 @@
+"""The QR core and the metrics against closed-form ground truth at real shapes."""
+
+from __future__ import annotations
+
+import math
+
+import ml_dtypes
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from gradience.spectrum import core_singular_values, energy_rank, spectrum_metrics
+from tests.factories import expected_metrics, factors
+
+REL = 1e-6
+
+
+@pytest.mark.parametrize(
+    ("out_features", "in_features", "r"),
+    [(4096, 4096, 64), (1024, 4096, 64), (4096, 1024, 32), (64, 4096, 16)],
+)
+def test_metrics_match_closed_form_at_real_shapes(out_features: int, in_features: int, r: int) -> None:
+    sigma = np.logspace(0, -8, r) * 3.7  # spans 1e-8 of sigma_max
+    a, b = factors(out_features, in_features, sigma, r, scale=2.0, seed=r)
+    got = core_singular_values(a, b, scale=2.0)
+    # Every value above 1e-6 of sigma_max is recovered to 1e-6 relative...
+    big = sigma > 1e-6 * sigma[0]
+    np.testing.assert_allclose(got[big], sigma[big], rtol=REL)
+    # ...the smallest ones to 1e-12 of sigma_max in absolute terms.
+    np.testing.assert_allclose(got, sigma, atol=1e-12 * sigma[0], rtol=0)
+    metrics = spectrum_metrics(got, r, (out_features, in_features)).to_dict()
+    for key, value in expected_metrics(sigma, r, (out_features, in_features)).items():
+        assert metrics[key] == pytest.approx(value, rel=REL), key
+
+
+def test_bf16_factors_are_upcast_before_the_core() -> None:
+    a, b = factors(256, 512, [4.0, 2.0, 1.0], 8, scale=1.0, seed=1)
+    a16, b16 = a.astype(ml_dtypes.bfloat16), b.astype(ml_dtypes.bfloat16)
+    got = core_singular_values(a16, b16)
+    dense = np.linalg.svd(b16.astype(np.float64) @ a16.astype(np.float64), compute_uv=False)[:8]
+    np.testing.assert_allclose(got, dense, rtol=1e-9, atol=1e-12)
+
+
+def test_batched_call_equals_one_call_per_module() -> None:
+    pairs = [factors(128, 96, [3.0, 1.0, 0.5], 4, 1.0, seed=s) for s in range(5)]
+    stacked = core_singular_values(np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs]))
+    for i, (a, b) in enumerate(pairs):
+        np.testing.assert_allclose(stacked[i], core_singular_values(a, b), rtol=1e-12)
+
+
+def test_torch_tensors_take_the_same_path() -> None:
+    torch = pytest.importorskip("torch")
+    a, b = factors(300, 200, [5.0, 1.0, 1e-3], 6, 0.5, seed=3)
+    got = core_singular_values(torch.from_numpy(a).float(), torch.from_numpy(b).float(), 0.5)
+    assert isinstance(got, torch.Tensor) and got.dtype == torch.float64
+    # float32 inputs: agreement to float32 precision of sigma_max
+    np.testing.assert_allclose(got.numpy(), core_singular_values(a, b, 0.5), rtol=0, atol=1e-5)
+
+
+def test_rank_mismatch_is_a_value_error() -> None:
+    with pytest.raises(ValueError, match="rank mismatch"):
+        core_singular_values(np.ones((4, 10)), np.ones((10, 3)))
+
+
+def test_zero_update_is_flagged_not_divided_by() -> None:
+    m = spectrum_metrics(np.zeros(8), 8, (16, 16))
+    assert m.is_zero
+    assert (m.stable_rank, m.utilization, m.energy_rank_90, m.effective_rank, m.numerical_rank) == (0, 0, 0, 0, 0)
+
+
+@pytest.mark.parametrize(("fraction", "k"), [(0.9, 9), (0.91, 10), (0.1, 1), (0.5, 5), (1.0, 10)])
+def test_energy_rank_has_no_off_by_one_on_flat_spectra(fraction: float, k: int) -> None:
+    assert energy_rank(np.ones(10), fraction) == k
+
+
+def test_energy_rank_counts_squared_values() -> None:
+    # energies 16, 4, 1 of 21: the first value holds 76%, two hold 95%.
+    assert energy_rank(np.array([4.0, 2.0, 1.0]), 0.75) == 1
+    assert energy_rank(np.array([4.0, 2.0, 1.0]), 0.9) == 2
+    with pytest.raises(ValueError):
+        energy_rank(np.ones(3), 0.0)
+
+
+def test_flat_spectrum_has_full_effective_and_stable_rank() -> None:
+    m = spectrum_metrics(np.full(16, 2.0), 32, (64, 64))
+    assert m.stable_rank == pytest.approx(16)
+    assert m.effective_rank == pytest.approx(16)
+    assert m.utilization == pytest.approx(0.5)
+    assert m.frobenius_norm == pytest.approx(8.0)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(st.floats(1e-3, 1e3), min_size=1, max_size=8),
+    st.floats(0.05, 20.0),
+    st.integers(0, 2**31 - 1),
+)
+def test_core_agrees_with_a_dense_svd(sigma: list[float], scale: float, seed: int) -> None:
+    r = len(sigma)
+    a, b = factors(24, 20, sigma, r, scale, seed=seed)
+    dense = np.linalg.svd(scale * b @ a, compute_uv=False)[:r]
+    got = core_singular_values(a, b, scale)
+    np.testing.assert_allclose(got, dense, rtol=1e-8, atol=1e-9 * max(sigma))
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.floats(1e-3, 1e3), st.integers(0, 2**31 - 1))
+def test_update_is_invariant_to_the_balance_between_a_and_b(c: float, seed: int) -> None:
+    a, b = factors(32, 40, [2.0, 1.0, 0.25], 4, 1.0, seed=seed)
+    np.testing.assert_allclose(core_singular_values(a * c, b / c), core_singular_values(a, b), rtol=1e-9, atol=1e-12)
+
+
+def test_metrics_stay_in_their_ranges() -> None:
+    rng = np.random.default_rng(7)
+    for _ in range(50):
+        r = int(rng.integers(1, 33))
+        s = np.abs(rng.standard_normal(r)) * 10 ** rng.uniform(-3, 3)
+        m = spectrum_metrics(s, r, (128, 128))
+        assert 1.0 - 1e-12 <= m.stable_rank <= r + 1e-9
+        assert 1 <= m.energy_rank_90 <= r
+        assert 1.0 - 1e-9 <= m.effective_rank <= r + 1e-9
+        assert math.isclose(m.utilization, m.stable_rank / r)
