@@ -1,0 +1,27 @@
+"""Training integrations: the PyTorch `Recorder` and the `transformers.Trainer` callback.
+
+Both need the `hf` extra (`pip install gradience[hf]`); importing this package does not
+import torch or transformers, the submodules do.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from gradience.integrations.hf import GradienceCallback
+    from gradience.integrations.recorder import Recorder
+
+__all__ = ["GradienceCallback", "Recorder"]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "GradienceCallback":
+        from gradience.integrations.hf import GradienceCallback
+
+        return GradienceCallback
+    if name == "Recorder":
+        from gradience.integrations.recorder import Recorder
+
+        return Recorder
+    raise AttributeError(f"module 'gradience.integrations' has no attribute {name!r}")
