@@ -1,0 +1,549 @@
+"""Run summary of a `run.jsonl`: what happened, how the run looks, what to check next.
+
+One streaming pass over the log (`iter_records`) keeps running summaries, the latest eval of
+each split and the last few structural snapshots, so a million-record log costs the memory
+of a short one. Recommendations are hypotheses with their thresholds stated, not predictions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from collections import Counter, deque
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from gradience.errors import TelemetryError
+from gradience.telemetry import ReadProblems, Record, iter_records
+
+GAP_THRESHOLD = 1.5  # test ppl / train ppl above this: probably memorizing
+CHANCE_MARGIN = 0.05  # test accuracy at most this far above chance: task set-up suspect
+UTILIZATION_THRESHOLD = 0.25  # mean stable_rank / r below this: rank over-provisioned
+FLAT_THRESHOLD = 0.05  # |relative change| over a trend window below this: flat
+STRUCTURAL_WINDOW = 5
+LOSS_WINDOW = 20
+MAX_KEPT = 50  # alerts kept; distinct alert codes, recommendation codes, splits, NaN paths
+TRAIN_KEYS = ("loss", "lr", "grad_norm", "lora_grad_norm", "epoch")
+STRUCTURAL_KEYS = ("frobenius_norm", "sigma_max", "stable_rank", "energy_rank_90", "utilization")
+TEST_SPLITS = ("test", "eval", "validation", "val", "dev")  # the first one logged is "test"
+RUN_KEYS = ("model", "dataset", "task_profile", "lora", "versions", "structural_interval",
+            "eval_policy")  # fmt: skip
+TRAINING_ARG_KEYS = (
+    "learning_rate", "max_steps", "num_train_epochs", "per_device_train_batch_size",
+    "gradient_accumulation_steps", "warmup_steps", "warmup_ratio", "weight_decay",
+    "lr_scheduler_type", "max_grad_norm", "optim", "seed", "bf16", "fp16",
+)  # fmt: skip
+TREND_RULE = (
+    f"flat when |relative change| < {FLAT_THRESHOLD:.0%}; relative change = fitted change "
+    "over the window / |window mean|"
+)
+THRESHOLDS: dict[str, Any] = {
+    "gap": GAP_THRESHOLD, "chance_margin": CHANCE_MARGIN,
+    "utilization": UTILIZATION_THRESHOLD, "trend_flat": FLAT_THRESHOLD, "trend_rule": TREND_RULE,
+    "structural_window": STRUCTURAL_WINDOW, "loss_window": LOSS_WINDOW,
+}  # fmt: skip
+HYPOTHESIS_NOTE = (
+    "Recommendations are hypotheses to verify with an eval on held-out data, not predictions."
+)
+
+
+@dataclass(frozen=True)
+class Trend:
+    """Least-squares line through (step, value) points, labelled by TREND_RULE."""
+
+    metric: str
+    n_points: int
+    first_step: int | None
+    last_step: int | None
+    latest: float | None
+    slope_per_100_steps: float | None
+    relative_change: float | None
+    label: str  # rising | flat | falling | n/a (fewer than two distinct steps)
+    threshold: float = FLAT_THRESHOLD
+
+
+@dataclass(frozen=True)
+class SplitEval:
+    split: str
+    step: int | None
+    n_evals: int
+    loss: float | None
+    ppl: float | None
+    ppl_source: str | None  # logged | exp(loss)
+    accuracy: float | None
+    metrics: dict[str, Any]  # the latest eval's metrics as logged
+
+
+@dataclass(frozen=True)
+class Chance:
+    rate: float
+    basis: str  # num_labels | majority_rate | assumed_binary
+    detail: str
+
+
+@dataclass(frozen=True)
+class Signals:
+    train_ppl: float | None
+    train_ppl_source: str | None  # eval:train, or train_step when no train split was evaluated
+    train_accuracy: float | None
+    test_split: str | None
+    test_ppl: float | None
+    test_accuracy: float | None
+    gap: float | None  # test ppl / train ppl
+    best_test_loss: float | None
+    best_test_loss_step: int | None
+    chance: Chance | None
+
+
+@dataclass(frozen=True)
+class TrainSummary:
+    n_steps: int
+    first_step: int | None
+    last_step: int | None
+    latest: dict[str, float | None]  # latest finite value of each TRAIN_KEYS
+    min_loss: float | None
+    min_loss_step: int | None
+    loss_trend: Trend | None  # over the last LOSS_WINDOW finite losses
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    step: int | None
+    reason: str | None
+    metrics: dict[str, float | None]  # STRUCTURAL_KEYS aggregates
+
+
+@dataclass(frozen=True)
+class Structural:
+    n_snapshots: int
+    latest: Snapshot
+    n_modules: int
+    mean_cost_ms: float | None
+    window: tuple[Snapshot, ...]  # the last STRUCTURAL_WINDOW, oldest first
+    trends: tuple[Trend, ...]
+
+
+@dataclass(frozen=True)
+class AuditBlock:
+    step: int | None
+    peft_dir: str | None
+    metrics: dict[str, Any]
+    suggestion: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Alert:
+    step: int | None
+    severity: str
+    code: str
+    message: str
+
+
+@dataclass(frozen=True)
+class Alerts:
+    total: int
+    by_code: dict[str, int]
+    by_severity: dict[str, int]
+    latest: tuple[Alert, ...]  # the last MAX_KEPT, oldest first
+
+
+@dataclass(frozen=True)
+class NonFinite:
+    records: int  # records whose NaN/Inf values the writer replaced by null
+    first_step: int | None
+    last_step: int | None
+    by_path: dict[str, int]  # "<event>:<path>" -> count
+
+
+@dataclass(frozen=True)
+class Recommendation:
+    """A hypothesis to verify: `source` "monitor" (a rule of this module) or "log"."""
+
+    code: str
+    message: str
+    threshold: float | None
+    value: float | None
+    rule: str
+    source: str
+    step: int | None = None
+
+
+@dataclass(frozen=True)
+class MonitorReport:
+    """Everything `gradience monitor` shows; `to_dict()` is the `--json` output."""
+
+    path: str
+    run_id: str | None  # the last one seen
+    run_ids: tuple[str, ...]
+    status: str  # ok | error | aborted | incomplete (no run_end: still running or crashed)
+    status_note: str
+    n_records: int
+    last_step: int | None
+    n_resumes: int
+    run: dict[str, Any]  # RUN_KEYS of the last run_start (null when absent) + training_args
+    train: TrainSummary
+    evals: dict[str, SplitEval]
+    signals: Signals
+    structural: Structural | None
+    audit: AuditBlock | None  # the latest `lora_audit` (from `gradience audit --append`)
+    alerts: Alerts
+    nonfinite: NonFinite
+    recommendations: tuple[Recommendation, ...]
+    recommendation_note: str
+    thresholds: dict[str, Any]
+    missing: tuple[str, ...]
+    skipped_lines: int
+    read_problems: tuple[str, ...]  # one line per kind of problem, with line numbers
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready nested dict (tuples as lists, finite numbers or null)."""
+        return _plain(dataclasses.asdict(self))
+
+
+def _plain(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {str(k): _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None  # e.g. `1e999` in a hand-edited log parses as inf
+    return obj
+
+
+def _num(x: Any) -> float | None:
+    """A finite float, or None for anything else (null, strings, bools, inf)."""
+    if isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x):
+        return float(x)
+    return None
+
+
+def _str(x: Any) -> str | None:
+    return x if isinstance(x, str) else None
+
+
+def _bump(counter: Counter[str], key: str) -> None:
+    """Count `key`, holding at most MAX_KEPT distinct keys (a log could invent millions)."""
+    if key in counter or len(counter) < MAX_KEPT:
+        counter[key] += 1
+
+
+def _ppl(loss: float | None) -> float | None:
+    return math.exp(loss) if loss is not None and loss < 700 else None
+
+
+def trend(metric: str, points: Sequence[tuple[int | None, float | None]]) -> Trend:
+    """Fit a line through (step, value) points; label it with the `FLAT_THRESHOLD` rule.
+
+    Example:
+        >>> trend("loss", [(0, 1.0), (100, 0.8), (200, 0.6)]).label
+        'falling'
+    """
+    pts = [(s, v) for s, v in points if s is not None and v is not None]
+    first, last, latest = (pts[0][0], pts[-1][0], pts[-1][1]) if pts else (None, None, None)
+    xs, ys = [float(s) for s, _ in pts], [v for _, v in pts]
+    mx, my = (sum(xs) / len(xs), sum(ys) / len(ys)) if pts else (0.0, 0.0)
+    sxx = sum((x - mx) ** 2 for x in xs)
+    if len(pts) < 2 or sxx == 0:
+        return Trend(metric, len(pts), first, last, latest, None, None, "n/a")
+    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sxx
+    change = slope * (xs[-1] - xs[0])
+    rel = change / abs(my) if my != 0 else (0.0 if change == 0 else None)
+    flat = rel is not None and abs(rel) < FLAT_THRESHOLD
+    label = "flat" if flat else ("rising" if slope > 0 else "falling")
+    return Trend(metric, len(pts), first, last, latest, 100.0 * slope, rel, label)
+
+
+class _Summary:
+    """Running state of one pass; only bounded pieces of the log are kept."""
+
+    def __init__(self) -> None:
+        self.n_records = self.n_resumes = self.n_train = self.n_alerts = self.nonfinite = 0
+        self.n_snapshots = self.n_modules = self.n_cost = 0
+        self.cost_sum = 0.0
+        self.last_step: int | None = None
+        self.first_train: int | None = None
+        self.last_train: int | None = None
+        self.first_nonfinite: int | None = None
+        self.last_nonfinite: int | None = None
+        self.start: dict[str, Any] | None = None
+        self.end: tuple[str, int | None] | None = None
+        self.audit: AuditBlock | None = None
+        self.min_loss: tuple[float | None, int | None] = (None, None)
+        self.run_ids: dict[str, None] = {}  # an ordered set
+        self.latest_train: dict[str, float] = {}
+        self.evals: dict[str, SplitEval] = {}
+        self.best_loss: dict[str, tuple[float, int | None]] = {}  # split -> (loss, step)
+        self.recs: dict[str, tuple[Recommendation, int]] = {}  # code -> (latest, count)
+        self.losses: deque[tuple[int | None, float]] = deque(maxlen=LOSS_WINDOW)
+        self.snapshots: deque[Snapshot] = deque(maxlen=STRUCTURAL_WINDOW)
+        self.alerts: deque[Alert] = deque(maxlen=MAX_KEPT)
+        self.alert_codes: Counter[str] = Counter()
+        self.alert_severities: Counter[str] = Counter()
+        self.nonfinite_paths: Counter[str] = Counter()
+
+    def add(self, rec: Record) -> None:
+        self.n_records += 1
+        if len(self.run_ids) < MAX_KEPT:
+            self.run_ids.setdefault(rec.run_id)
+        if rec.step is not None and (self.last_step is None or rec.step > self.last_step):
+            self.last_step = rec.step
+        data = rec.data
+        if "nonfinite" in data:
+            self.nonfinite += 1
+            if self.first_nonfinite is None:
+                self.first_nonfinite = rec.step
+            self.last_nonfinite = rec.step
+            paths = data["nonfinite"]
+            for path in paths if isinstance(paths, list) else []:
+                _bump(self.nonfinite_paths, f"{rec.event}:{path}")
+        handler = _HANDLERS.get(rec.event)
+        if handler is not None:
+            handler(self, rec, data)
+
+    def on_train_step(self, rec: Record, data: dict[str, Any]) -> None:
+        self.n_train += 1
+        if self.first_train is None:
+            self.first_train = rec.step
+        self.last_train = rec.step
+        for key in TRAIN_KEYS:  # latest finite value of each: a NaN step does not blank them
+            if key in data and (value := _num(data[key])) is not None:
+                self.latest_train[key] = value
+        loss = _num(data.get("loss"))
+        if loss is not None:
+            self.losses.append((rec.step, loss))
+            if self.min_loss[0] is None or loss < self.min_loss[0]:
+                self.min_loss = (loss, rec.step)
+
+    def on_eval(self, rec: Record, data: dict[str, Any]) -> None:
+        split, metrics = data.get("split"), data.get("metrics")
+        if not isinstance(split, str) or not isinstance(metrics, dict):
+            return
+        if split in self.evals or len(self.evals) < MAX_KEPT:
+            n = self.evals[split].n_evals + 1 if split in self.evals else 1
+            self.evals[split] = _split_eval(split, rec.step, n, _plain(metrics))
+        loss, best = _num(metrics.get("loss")), self.best_loss.get(split)
+        if loss is not None and (best is None or loss < best[0]):
+            self.best_loss[split] = (loss, rec.step)
+
+    def on_metrics(self, rec: Record, data: dict[str, Any]) -> None:
+        agg, kind = data.get("metrics"), data.get("kind")
+        if kind == "structural" and isinstance(agg, dict):
+            # Aggregates only: a snapshot's `modules` can hold hundreds of entries.
+            metrics = {k: _num(agg.get(k)) for k in STRUCTURAL_KEYS}
+            self.snapshots.append(Snapshot(rec.step, _str(data.get("reason")), metrics))
+            self.n_snapshots += 1
+            modules = data.get("modules")
+            self.n_modules = len(modules) if isinstance(modules, dict) else 0
+            if (cost := _num(data.get("cost_ms"))) is not None:
+                self.cost_sum, self.n_cost = self.cost_sum + cost, self.n_cost + 1
+        elif kind == "lora_audit":
+            m, g = data.get("metrics"), data.get("suggestion")
+            self.audit = AuditBlock(rec.step, _str(data.get("peft_dir")),
+                                    _plain(m) if isinstance(m, dict) else {},
+                                    _plain(g) if isinstance(g, dict) else {})  # fmt: skip
+
+    def on_alert(self, rec: Record, data: dict[str, Any]) -> None:
+        code, severity = str(data.get("code", "?")), str(data.get("severity", "?"))
+        self.n_alerts += 1
+        self.alerts.append(Alert(rec.step, severity, code, str(data.get("message", ""))))
+        _bump(self.alert_codes, code)
+        _bump(self.alert_severities, severity)
+
+    def on_recommendation(self, rec: Record, data: dict[str, Any]) -> None:
+        code = str(data.get("code", "?"))
+        if code in self.recs or len(self.recs) < MAX_KEPT:
+            got = Recommendation(code, str(data.get("message", "")), _num(data.get("threshold")),
+                                 _num(data.get("value")), "recorded in the log", "log", rec.step)  # fmt: skip
+            self.recs[code] = (got, self.recs[code][1] + 1 if code in self.recs else 1)
+
+    def on_lifecycle(self, rec: Record, data: dict[str, Any]) -> None:
+        if rec.event == "run_end":
+            self.end = (str(data.get("status", "?")), rec.step)
+            return
+        self.end = None  # a run that ended and was then resumed is running again
+        if rec.event == "run_start":
+            self.start = data
+        else:
+            self.n_resumes += 1
+
+
+_HANDLERS = {
+    "train_step": _Summary.on_train_step, "eval": _Summary.on_eval, "metrics": _Summary.on_metrics,
+    "alert": _Summary.on_alert, "recommendation": _Summary.on_recommendation,
+    "run_start": _Summary.on_lifecycle, "run_resume": _Summary.on_lifecycle,
+    "run_end": _Summary.on_lifecycle,
+}  # fmt: skip
+
+
+def _split_eval(split: str, step: int | None, n: int, metrics: dict[str, Any]) -> SplitEval:
+    loss = _num(metrics.get("loss"))
+    ppl, source = _num(metrics.get("ppl", metrics.get("perplexity"))), "logged"
+    if ppl is None:
+        ppl, source = _ppl(loss), "exp(loss)"
+    accuracy = _num(metrics.get("accuracy", metrics.get("acc")))
+    return SplitEval(split, step, n, loss, ppl, source if ppl is not None else None, accuracy,
+                     metrics)  # fmt: skip
+
+
+def monitor(path: str | os.PathLike[str]) -> MonitorReport:
+    """Summarise a run log in one streaming pass: status, signals, diagnostics, advice.
+
+    Args:
+        path: a `run.jsonl` written by `RunWriter` / the Gradience callback.
+
+    Returns:
+        A `MonitorReport`; missing pieces (no run_end, no train_step, ...) are listed in
+        `missing`, and skipped lines in `read_problems` with their line numbers.
+
+    Raises:
+        UsageError: `path` does not exist or is not a file.
+        TelemetryError: the log is empty or holds no valid record.
+
+    Example:
+        >>> report = monitor("runs/toy/run.jsonl")  # doctest: +SKIP
+        >>> report.signals.gap, [r.code for r in report.recommendations]  # doctest: +SKIP
+    """
+    problems = ReadProblems(path)
+    s = _Summary()
+    for rec in iter_records(path, problems=problems):
+        s.add(rec)
+    if s.n_records == 0:
+        if len(problems) == 0:
+            raise TelemetryError(f"{path}: the run log is empty; nothing to summarise")
+        first = problems.messages()[0].removeprefix(f"{problems.path}: ")
+        raise TelemetryError(f"{path}: no valid record ({len(problems)} lines skipped; {first})")
+    return _report(s, str(path), problems)
+
+
+def _report(s: _Summary, path: str, problems: ReadProblems) -> MonitorReport:
+    run = _run(s.start)
+    signals = _signals(s, run)
+    structural = _structural(s)
+    nonfinite = NonFinite(s.nonfinite, s.first_nonfinite, s.last_nonfinite,
+                          dict(s.nonfinite_paths))  # fmt: skip
+    recs = _recommend(signals, structural, s.audit, nonfinite)
+    for rec, n in s.recs.values():
+        recs.append(dataclasses.replace(rec, rule=f"{rec.rule} ({n} times, latest shown)")
+                    if n > 1 else rec)  # fmt: skip
+    if s.end is not None:
+        status, note = s.end[0], f"run_end at step {s.end[1]}"
+    else:
+        status = "incomplete"
+        note = f"no run_end record: still running or crashed; last step seen {s.last_step}"
+    train = TrainSummary(s.n_train, s.first_train, s.last_train,
+                         {k: s.latest_train.get(k) for k in TRAIN_KEYS}, *s.min_loss,
+                         trend("loss", list(s.losses)) if s.losses else None)  # fmt: skip
+    prefix = f"{problems.path}: "
+    return MonitorReport(
+        path=path, run_id=next(reversed(s.run_ids), None), run_ids=tuple(s.run_ids),
+        status=status, status_note=note, n_records=s.n_records, last_step=s.last_step,
+        n_resumes=s.n_resumes, run=run, train=train, evals=dict(s.evals), signals=signals, structural=structural, audit=s.audit,
+        alerts=Alerts(s.n_alerts, dict(s.alert_codes), dict(s.alert_severities), tuple(s.alerts)),
+        nonfinite=nonfinite, recommendations=tuple(recs), recommendation_note=HYPOTHESIS_NOTE,
+        thresholds=THRESHOLDS, missing=tuple(_missing(s)), skipped_lines=len(problems),
+        read_problems=tuple(m.removeprefix(prefix) for m in problems.messages()),
+    )  # fmt: skip
+
+
+def _run(start: dict[str, Any] | None) -> dict[str, Any]:
+    d = start or {}
+    args: dict[str, Any] = d.get("training_args") or {}
+    args = args if isinstance(args, dict) else {}
+    run = {k: _plain(d.get(k)) for k in RUN_KEYS}
+    run["training_args"] = _plain({k: args[k] for k in TRAINING_ARG_KEYS if k in args})
+    return run
+
+
+def _signals(s: _Summary, run: dict[str, Any]) -> Signals:
+    test_split = next((name for name in TEST_SPLITS if name in s.evals), None)
+    test = s.evals.get(test_split) if test_split else None
+    train = s.evals.get("train")
+    train_ppl, source = (train.ppl, "eval:train") if train else (None, None)
+    if train_ppl is None and s.losses:  # no train-split eval: the training loss stands in
+        train_ppl, source = _ppl(s.losses[-1][1]), "train_step"
+    test_ppl = test.ppl if test else None
+    best = s.best_loss.get(test_split or "", (None, None))
+    return Signals(
+        train_ppl=train_ppl, train_ppl_source=source if train_ppl is not None else None,
+        train_accuracy=train.accuracy if train else None, test_split=test_split,
+        test_ppl=test_ppl, test_accuracy=test.accuracy if test else None,
+        gap=test_ppl / train_ppl if test_ppl is not None and train_ppl else None,
+        best_test_loss=best[0], best_test_loss_step=best[1],
+        chance=_chance(run, test) if test is not None and test.accuracy is not None else None,
+    )  # fmt: skip
+
+
+def _chance(run: dict[str, Any], test: SplitEval) -> Chance:
+    """1/num_labels when logged, else the logged majority-class rate, else 50% (binary)."""
+    dataset = run["dataset"] if isinstance(run["dataset"], dict) else {}
+    model = run["model"] if isinstance(run["model"], dict) else {}
+    for block in (dataset, model):
+        n = _num(block.get("num_labels"))
+        if n is not None and n >= 2:
+            return Chance(1.0 / n, "num_labels", f"1/num_labels, num_labels={n:g}")
+    for where, block in (("test eval", test.metrics), ("dataset", dataset)):
+        majority = _num(block.get("majority_rate"))
+        if majority is not None and 0 < majority < 1:
+            return Chance(majority, "majority_rate", f"majority-class rate from the {where}")
+    return Chance(0.5, "assumed_binary", "assumed binary; num_labels and majority rate not logged")
+
+
+def _structural(s: _Summary) -> Structural | None:
+    if not s.snapshots:
+        return None
+    window = tuple(s.snapshots)
+    trends = tuple(trend(k, [(sn.step, sn.metrics[k]) for sn in window]) for k in STRUCTURAL_KEYS)
+    cost = s.cost_sum / s.n_cost if s.n_cost else None
+    return Structural(s.n_snapshots, window[-1], s.n_modules, cost, window, trends)
+
+
+def _recommend(
+    sig: Signals, st: Structural | None, audit: AuditBlock | None, nf: NonFinite
+) -> list[Recommendation]:
+    out: list[Recommendation] = []
+    if sig.gap is not None and sig.gap > GAP_THRESHOLD:
+        out.append(Recommendation(
+            "memorizing", f"Gap {sig.gap:.2f}x > {GAP_THRESHOLD}x: probably memorizing; try "
+            "fewer steps, more data or more regularisation, and watch the test loss",
+            GAP_THRESHOLD, sig.gap, f"gap = test ppl / train ppl > {GAP_THRESHOLD}x", "monitor"))  # fmt: skip
+    acc, chance = sig.test_accuracy, sig.chance
+    if acc is not None and chance is not None and acc <= chance.rate + CHANCE_MARGIN:
+        out.append(Recommendation(
+            "near_chance", f"Test accuracy {acc:.1%} is within {100 * CHANCE_MARGIN:g} points of "
+            f"chance ({chance.rate:.1%}, {chance.detail}): fix the task set-up first (labels, "
+            "preprocessing, eval split) before tuning LoRA", chance.rate + CHANCE_MARGIN, acc,
+            f"test accuracy <= chance + {100 * CHANCE_MARGIN:g} points", "monitor"))  # fmt: skip
+    util, where = (st.latest.metrics["utilization"], "latest structural snapshot") if st else (None, "")
+    if util is None and audit is not None:
+        util, where = _num(audit.metrics.get("utilization_mean")), "appended audit"
+    if util is not None and util < UTILIZATION_THRESHOLD:
+        out.append(Recommendation(
+            "rank_overprovisioned", f"Utilization (mean) {util:.1%} < "
+            f"{UTILIZATION_THRESHOLD:.0%} ({where}): rank likely over-provisioned; see "
+            "`gradience audit`", UTILIZATION_THRESHOLD, util,
+            f"mean stable_rank / r < {UTILIZATION_THRESHOLD:.0%}", "monitor"))  # fmt: skip
+    if nf.records:
+        out.append(Recommendation(
+            "nonfinite_values", f"{nf.records} record(s) held NaN/Inf values, written as null "
+            f"(first at step {nf.first_step}: {', '.join(list(nf.by_path)[:3])}); check the "
+            "learning rate, precision and gradient clipping", 0.0, float(nf.records),
+            "any non-finite value in the log", "monitor"))  # fmt: skip
+    return out
+
+
+def _missing(s: _Summary) -> list[str]:
+    has_test = any(name in s.evals for name in TEST_SPLITS)
+    checks = [
+        (s.start is None, "run_start: no model, dataset or LoRA config"),
+        (not s.n_train, "train_step: no training loss (an eval-only log?)"),
+        (not s.evals, "eval: no eval metrics"),
+        (bool(s.evals) and "train" not in s.evals,
+         "train-split eval: train ppl falls back to the train_step loss"),
+        (bool(s.evals) and not has_test,
+         f"test-split eval (one of {', '.join(TEST_SPLITS)}): no test signals"),
+        (not s.n_snapshots, "structural metrics: no adapter diagnostics during training"),
+        (s.end is None, "run_end: the run is still running or crashed"),
+    ]  # fmt: skip
+    return [message for missing, message in checks if missing]
