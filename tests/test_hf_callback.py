@@ -95,7 +95,7 @@ def test_every_record_is_valid_and_seq_increases(run: Any) -> None:
 def test_run_start_describes_model_lora_and_args(run: Any) -> None:
     start = run[2][0]
     assert start["lora"]["r"] == 4 and sorted(start["lora"]["target_modules"]) == ["query", "value"]
-    assert start["task_profile"] == "classification" and start["dataset"] == {"name": "tokens"}
+    assert start["task_profile"] == "classification" and start["dataset"] == {"name": "tokens", "num_labels": 2}
     assert start["training_args"]["learning_rate"] == pytest.approx(5e-3)
     assert start["structural_interval"] == 3 and "torch" in start["versions"]
     assert start["model"]["trainable_params"] < start["model"]["n_params"]

@@ -136,7 +136,7 @@ class GradienceCallback(TrainerCallback):
         inner = getattr(base, "model", base)
         name = self.model_name or getattr(getattr(inner, "config", None), "name_or_path", None)
         rec.start(
-            step, model={"name": name or type(inner).__name__}, dataset=self.dataset,
+            step, model={"name": name or type(inner).__name__}, dataset=_with_num_labels(self.dataset, inner),
             task_profile=self.task_profile, eval_policy=self.eval_policy,
             training_args=_training_args(args),
         )
@@ -213,6 +213,15 @@ class GradienceCallback(TrainerCallback):
     def on_train_end(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
         self._recorder.snapshot(state.global_step, "final")
         self._recorder.end(state.global_step, status="ok", total_steps=state.global_step)
+
+
+def _with_num_labels(dataset: Mapping[str, Any] | None, model: Any) -> dict[str, Any] | None:
+    """Add a classifier's label count, so `monitor` knows the chance level."""
+    config = getattr(model, "config", None)
+    archs = getattr(config, "architectures", None) or [type(model).__name__]
+    if config is None or not any("Classification" in a for a in archs):
+        return dict(dataset) if dataset else None
+    return {**(dataset or {}), "num_labels": int(config.num_labels)}
 
 
 def _scalar(v: Any) -> Any:
