@@ -19,11 +19,12 @@ import traceback
 from collections.abc import Sequence
 
 from gradience import __version__
+from gradience.cli import analyze as analyze_cmd
 from gradience.cli import audit as audit_cmd
 from gradience.cli import monitor as monitor_cmd
 from gradience.errors import GradienceError
 
-COMMANDS = [audit_cmd, monitor_cmd]
+COMMANDS = [audit_cmd, monitor_cmd, analyze_cmd]
 
 
 def build_parser() -> argparse.ArgumentParser:

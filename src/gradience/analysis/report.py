@@ -1,0 +1,350 @@
+"""`analyze`: is adapter structure a usable stand-in for eval loss in these runs?
+
+For each run log: the logging cadence, then per structural metric the same-step
+correlation with eval loss, the cross-correlation over lags, Granger tests both ways, a
+ridge forecast of eval loss from all the metrics, and an early-stopping replay. With
+several runs (seeds), an aggregate: mean ± sd of r per metric and agreement of best lags.
+
+Every pair is taken on exactly shared steps. A lead or lag is only read where each eval
+step has the metric at that same step and there are at least `MIN_LAG_POINTS` of them;
+otherwise `best_lag` is None with `lead_lag_refused` and a reason. A lag read from
+mismatched cadences is an artifact of the logging, not a property of training.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from gradience.analysis.aggregate import Aggregate, aggregate_runs
+from gradience.analysis.align import Cadence, RunSeries, align_exact, load_run
+from gradience.analysis.correlation import (
+    BASES,
+    LAG_CONVENTION,
+    Basis,
+    Ccf,
+    Correlation,
+    ccf,
+    pearson,
+    spearman,
+)
+from gradience.analysis.early_stop import (
+    EarlyStop,
+    EarlyStopPolicy,
+    simulate_early_stop,
+)
+from gradience.analysis.forecast import ForecastScore, ridge_forecast
+from gradience.analysis.granger import Granger, granger
+from gradience.errors import UsageError, require
+
+SCHEMA = "gradience.analysis/1"
+TARGET = "eval_loss"
+DEFAULT_METRICS: tuple[str, ...] = ("frobenius_norm", "sigma_max", "stable_rank", "energy_rank_90")
+MIN_LAG_POINTS = 8
+NOT_PREDICTION = (
+    "Correlation is not prediction: these numbers describe the logged runs only. "
+    "Gradience instruments; you decide when to evaluate and when to stop."
+)
+
+
+@dataclass(frozen=True)
+class Pair:
+    """One structural metric against eval loss in one run, on exactly shared steps."""
+
+    run: str
+    metric: str
+    n: int
+    pearson: Correlation
+    spearman: Correlation
+    pearson_differences: Correlation
+    covered: bool  # every eval step has this metric at the same step
+    best_lag: int | None
+    lead_lag_refused: bool
+    lead_lag_reason: str | None
+    ccf: dict[str, Ccf] | None
+    granger: Granger | None
+    basis: Basis = "differences"
+
+    def to_dict(self) -> dict[str, Any]:
+        ccf_d: dict[str, Any] | None = None
+        if self.ccf is not None:
+            ccf_d = {"basis": self.basis, "convention": LAG_CONVENTION}
+            ccf_d.update({b: c.to_dict() for b, c in self.ccf.items()})
+        return {
+            "run": self.run, "metric": self.metric, "target": TARGET, "n": self.n,
+            "pearson_r": self.pearson.r, "pearson_p": self.pearson.p,
+            "spearman_r": self.spearman.r, "spearman_p": self.spearman.p,
+            "pearson_r_differences": self.pearson_differences.r,
+            "correlation_note": self.pearson.reason,
+            "covered": self.covered, "best_lag": self.best_lag,
+            "lead_lag_refused": self.lead_lag_refused, "lead_lag_reason": self.lead_lag_reason,
+            "ccf": ccf_d, "granger": None if self.granger is None else self.granger.to_dict(),
+        }  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Forecast:
+    """Ridge nowcast and one-step-ahead forecast of eval loss from the structural metrics."""
+
+    features: tuple[str, ...]
+    alpha: float
+    train_fraction: float
+    n: int
+    nowcast: ForecastScore | None
+    one_step: ForecastScore | None
+    reason: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "features": list(self.features), "alpha": self.alpha,
+            "train_fraction": self.train_fraction, "n": self.n,
+            "nowcast": None if self.nowcast is None else self.nowcast.to_dict(),
+            "one_step": None if self.one_step is None else self.one_step.to_dict(),
+            "reason": self.reason,
+        }  # fmt: skip
+
+
+@dataclass(frozen=True)
+class RunAnalysis:
+    """Everything `analyze` found in one run log."""
+
+    path: str
+    run_id: str | None
+    target_split: str
+    splits: tuple[str, ...]
+    cadence: Cadence
+    pairs: tuple[Pair, ...]
+    forecast: Forecast
+    early_stop: EarlyStop
+    notes: tuple[str, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "path": self.path, "run_id": self.run_id, "target_split": self.target_split,
+            "splits": list(self.splits), "cadence": self.cadence.to_dict(),
+            "pairs": [p.to_dict() for p in self.pairs], "forecast": self.forecast.to_dict(),
+            "early_stop": self.early_stop.to_dict(), "notes": list(self.notes),
+        }  # fmt: skip
+
+
+@dataclass(frozen=True)
+class AnalysisReport:
+    """Result of `analyze`; `to_dict()` is what `gradience analyze --json` prints.
+
+    For one run, the top-level `cadence`, `pairs`, `forecast` and `early_stop` are that
+    run's. For several, `cadence` is combined (matched only if every run is; a cadence
+    is given only where all runs share it), `pairs` lists every run's pairs (each names
+    its `run`), `forecast` and `early_stop` are None, and `aggregate` summarises; each
+    run's full result is under `runs`.
+    """
+
+    metrics: tuple[str, ...]
+    max_lag: int
+    basis: Basis
+    runs: tuple[RunAnalysis, ...]
+    aggregate: Aggregate | None
+
+    @property
+    def cadence(self) -> Cadence:
+        return combine_cadences([r.cadence for r in self.runs])
+
+    def to_dict(self) -> dict[str, Any]:
+        single = self.runs[0] if len(self.runs) == 1 else None
+        return {
+            "schema": SCHEMA, "target": TARGET, "metrics": list(self.metrics),
+            "max_lag": self.max_lag, "basis": self.basis, "lag_convention": LAG_CONVENTION,
+            "cadence": self.cadence.to_dict(),
+            "pairs": [p.to_dict() for r in self.runs for p in r.pairs],
+            "forecast": single.forecast.to_dict() if single else None,
+            "early_stop": single.early_stop.to_dict() if single else None,
+            "runs": [r.to_dict() for r in self.runs],
+            "aggregate": None if self.aggregate is None else self.aggregate.to_dict(),
+            "note": NOT_PREDICTION,
+        }  # fmt: skip
+
+
+def combine_cadences(cadences: Sequence[Cadence]) -> Cadence:
+    """One cadence for several runs: counts summed, an interval only where all runs agree."""
+
+    def common(values: list[int | None]) -> int | None:
+        return values[0] if len(set(values)) == 1 else None
+
+    return Cadence(
+        matched=all(c.matched for c in cadences),
+        structural_every=common([c.structural_every for c in cadences]),
+        eval_every=common([c.eval_every for c in cadences]),
+        unmatched_eval_steps=sum(c.unmatched_eval_steps for c in cadences),
+        eval_steps=sum(c.eval_steps for c in cadences),
+        structural_steps=sum(c.structural_steps for c in cadences),
+        matched_steps=sum(c.matched_steps for c in cadences),
+        declared_structural_interval=common([c.declared_structural_interval for c in cadences]),
+    )
+
+
+def _refusal(run: RunSeries, n: int, cadence: Cadence) -> str | None:
+    missing = len(run.eval_loss) - n
+    if missing > 0:
+        return (
+            f"eval grid not covered: {missing} of {len(run.eval_loss)} eval steps have no value "
+            f"at the same step (structural every {cadence.structural_every}, eval every "
+            f"{cadence.eval_every}); log structure at every eval step"
+        )
+    if n < MIN_LAG_POINTS:
+        return f"only {n} exactly matched points; lead/lag needs at least {MIN_LAG_POINTS}"
+    return None
+
+
+def analyze_pair(
+    run: RunSeries, metric: str, cadence: Cadence, max_lag: int = 3, basis: Basis = "differences"
+) -> Pair:
+    """Correlations and, where allowed, lead/lag of one metric against eval loss in one run."""
+    series = run.metric(metric)
+    if series is None:
+        why = f"`{metric}` is not in this log"
+        none = Correlation(None, None, 0, why)
+        return Pair(
+            run.path, metric, 0, none, none, none, False, None, True, why, None, None, basis
+        )
+    pair = align_exact(series, run.eval_loss)
+    n = len(pair)
+    refusal = _refusal(run, n, cadence)
+    lag_ccf: dict[str, Ccf] | None = None
+    granger_result, lag = None, None
+    if refusal is None:
+        lag_ccf = {b: ccf(pair.x, pair.y, max_lag, b) for b in BASES}
+        lag = lag_ccf[basis].best_lag
+        granger_result = granger(pair.x, pair.y, max_lag, basis)
+    return Pair(
+        run.path, metric, n, pearson(pair.x, pair.y), spearman(pair.x, pair.y),
+        pearson(np.diff(pair.x), np.diff(pair.y)), n == len(run.eval_loss) and n > 0,
+        lag, refusal is not None, refusal, lag_ccf, granger_result, basis,
+    )  # fmt: skip
+
+
+def forecast_run(
+    run: RunSeries, metrics: Sequence[str], alpha: float = 1.0, train_fraction: float = 0.7
+) -> Forecast:
+    """Ridge nowcast on the eval steps where every metric was logged; one-step-ahead only
+    when those steps are the whole eval grid (so "next" means the next eval)."""
+    found = {m: s for m in metrics if (s := run.metric(m)) is not None}
+    present = list(found)
+    if not present:
+        return Forecast(
+            (), alpha, train_fraction, 0, None, None, "none of the metrics is in this log"
+        )
+    steps = run.eval_loss.steps
+    for series in found.values():
+        steps = np.intersect1d(steps, series.steps, assume_unique=True)
+    columns = [s.values[np.searchsorted(s.steps, steps)] for s in found.values()]
+    y = run.eval_loss.values[np.searchsorted(run.eval_loss.steps, steps)]
+    X = np.column_stack(columns) if steps.size else np.empty((0, len(present)))
+    nowcast = ridge_forecast(X, y, 0, alpha, train_fraction)
+    one_step, reason = None, None
+    if steps.size == len(run.eval_loss):
+        one_step = ridge_forecast(X, y, 1, alpha, train_fraction)
+    else:
+        reason = (
+            f"one-step-ahead refused: {len(run.eval_loss) - steps.size} eval steps lack a "
+            "structural record, so the next matched step is not the next eval"
+        )
+    return Forecast(
+        tuple(present), alpha, train_fraction, int(steps.size), nowcast, one_step, reason
+    )
+
+
+def analyze_run(
+    run: RunSeries,
+    metrics: Sequence[str] = DEFAULT_METRICS,
+    max_lag: int = 3,
+    basis: Basis = "differences",
+    ridge_alpha: float = 1.0,
+    train_fraction: float = 0.7,
+    policy: EarlyStopPolicy | None = None,
+) -> RunAnalysis:
+    """All of `analyze` for one already-loaded run."""
+    cadence = run.cadence()
+    pairs = tuple(analyze_pair(run, m, cadence, max_lag, basis) for m in metrics)
+    forecast = forecast_run(run, metrics, ridge_alpha, train_fraction)
+    structural = {m: s for m in metrics if (s := run.metric(m)) is not None}
+    early = simulate_early_stop(run.eval_loss, structural, policy)
+    notes = list(run.notes)
+    declared = run.declared_structural_interval
+    if declared is not None and cadence.structural_every not in (None, declared):
+        notes.append(
+            f"run_start declares structural_interval={declared}, but structural records "
+            f"are {cadence.structural_every} steps apart"
+        )
+    gaps = np.diff(run.eval_loss.steps)[:-1]  # the last gap may be a final eval
+    if cadence.eval_every is not None and bool(np.any(gaps != cadence.eval_every)):
+        notes.append(
+            f"eval steps are irregular ({int(np.sum(gaps != cadence.eval_every))} gaps differ "
+            f"from {cadence.eval_every} steps); lags count evals, not steps"
+        )
+    return RunAnalysis(
+        run.path, run.run_id, run.target_split, run.splits, cadence, pairs, forecast, early,
+        tuple(notes),
+    )  # fmt: skip
+
+
+def analyze(
+    paths: Sequence[str | os.PathLike[str]] | str | os.PathLike[str],
+    metrics: Sequence[str] = DEFAULT_METRICS,
+    target_split: str | None = None,
+    max_lag: int = 3,
+    *,
+    basis: Basis = "differences",
+    ridge_alpha: float = 1.0,
+    train_fraction: float = 0.7,
+    policy: EarlyStopPolicy | None = None,
+) -> AnalysisReport:
+    """Analyse structure against eval loss in one or more run logs (e.g. seeds of one setup).
+
+    Args:
+        paths: run logs (`run.jsonl`); one path is accepted too.
+        metrics: structural metrics (or `train_step` fields such as `grad_norm`) to test.
+        target_split: eval split whose loss is the target; default test > eval > validation.
+        max_lag: largest lag, in eval intervals, for cross-correlation and Granger.
+        basis: "differences" (default) or "levels" for the lag analysis and Granger.
+        ridge_alpha, train_fraction: ridge penalty and time-ordered train share.
+        policy: early-stop rule parameters.
+
+    Returns:
+        `AnalysisReport` (see its docstring for the JSON shape).
+
+    Raises:
+        UsageError: no path, a missing file, or a bad parameter.
+        TelemetryError: a log without eval loss or structural records.
+        MissingDependencyError: scipy or statsmodels absent (`pip install gradience[analysis]`).
+
+    Example:
+        >>> report = analyze(["seed42/run.jsonl", "seed123/run.jsonl"])  # doctest: +SKIP
+        >>> report.to_dict()["cadence"]["matched"]  # doctest: +SKIP
+        True
+    """
+    logs = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
+    metrics = tuple(metrics)
+    if not logs:
+        raise UsageError("no run log given; pass at least one run.jsonl")
+    if not metrics:
+        raise UsageError("no metrics given; name at least one structural metric")
+    if max_lag < 1:
+        raise UsageError(f"`max_lag` must be at least 1, got {max_lag}")
+    if basis not in BASES:
+        raise UsageError(f"`basis` must be one of {', '.join(BASES)}, got {basis!r}")
+    if not (0.0 <= ridge_alpha < math.inf and 0.0 < train_fraction < 1.0):
+        raise UsageError("`ridge_alpha` must be >= 0 and `train_fraction` in (0, 1)")
+    require("scipy", "analysis")
+    require("statsmodels", "analysis")
+    runs = tuple(
+        analyze_run(
+            load_run(p, target_split), metrics, max_lag, basis, ridge_alpha, train_fraction, policy
+        )
+        for p in logs
+    )
+    aggregate = aggregate_runs(runs, metrics) if len(runs) > 1 else None
+    return AnalysisReport(metrics, max_lag, basis, runs, aggregate)
