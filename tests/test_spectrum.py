@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gradience.spectrum import core_singular_values, energy_rank, spectrum_metrics
+from gradience.spectrum import core_singular_values, core_svd, energy_rank, spectrum_metrics
 from tests.factories import expected_metrics, factors
 
 REL = 1e-6
@@ -121,3 +121,70 @@ def test_metrics_stay_in_their_ranges() -> None:
         assert 1 <= m.energy_rank_90 <= r
         assert 1.0 - 1e-9 <= m.effective_rank <= r + 1e-9
         assert math.isclose(m.utilization, m.stable_rank / r)
+
+
+# --- core_svd: singular vectors from the same QR core -------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("out_features", "in_features", "r", "scale"),
+    [(12, 9, 4, 0.5), (9, 12, 4, 2.0), (3, 10, 5, 1.0), (10, 2, 5, 1.5), (6, 6, 6, -0.7), (1, 1, 1, 3.0)],
+)
+def test_core_svd_reconstructs_the_scaled_update(
+    out_features: int, in_features: int, r: int, scale: float
+) -> None:
+    rng = np.random.default_rng(r + out_features)
+    a = rng.standard_normal((r, in_features))
+    b = rng.standard_normal((out_features, r))
+    u, sigma, vt = core_svd(a, b, scale)
+    k = min(out_features, in_features, r)
+    assert u.shape == (out_features, k) and sigma.shape == (k,) and vt.shape == (k, in_features)
+    np.testing.assert_allclose((u * sigma) @ vt, scale * b @ a, atol=1e-12 * np.abs(b @ a).max() + 1e-13)
+    np.testing.assert_allclose(u.T @ u, np.eye(k), atol=1e-12)
+    np.testing.assert_allclose(vt @ vt.T, np.eye(k), atol=1e-12)
+    assert np.all(np.diff(sigma) <= 0) and np.all(sigma >= 0)
+    np.testing.assert_allclose(sigma, core_singular_values(a, b, scale), rtol=1e-12, atol=1e-14)
+
+
+def test_core_svd_truncation_is_the_best_rank_k_approximation() -> None:
+    a, b = factors(40, 30, [5.0, 2.0, 1.0, 0.5], 4, scale=2.0, seed=11)
+    u, sigma, vt = core_svd(a, b, 2.0)
+    np.testing.assert_allclose(sigma, [5.0, 2.0, 1.0, 0.5], rtol=1e-12)
+    dense = 2.0 * b @ a
+    truncated = (u[:, :2] * sigma[:2]) @ vt[:2]
+    # Eckart–Young: the Frobenius error of the top-2 truncation is the tail of the spectrum.
+    assert np.linalg.norm(dense - truncated) == pytest.approx(math.hypot(1.0, 0.5), rel=1e-10)
+    assert np.linalg.norm(dense - truncated, 2) == pytest.approx(1.0, rel=1e-10)
+
+
+def test_core_svd_upcasts_bf16_and_handles_a_zero_update() -> None:
+    a, b = factors(16, 24, [3.0, 1.0], 4, scale=1.0, seed=2)
+    a16, b16 = a.astype(ml_dtypes.bfloat16), b.astype(ml_dtypes.bfloat16)
+    u, sigma, vt = core_svd(a16, b16)
+    assert u.dtype == sigma.dtype == vt.dtype == np.float64
+    exact = b16.astype(np.float64) @ a16.astype(np.float64)
+    np.testing.assert_allclose((u * sigma) @ vt, exact, atol=1e-12)
+    u0, s0, vt0 = core_svd(np.zeros((3, 8)), np.zeros((5, 3)))
+    assert np.all(s0 == 0) and u0.shape == (5, 3) and vt0.shape == (3, 8)
+    with pytest.raises(ValueError, match="rank mismatch"):
+        core_svd(np.ones((4, 10)), np.ones((10, 3)))
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.integers(1, 12), st.integers(1, 12), st.integers(1, 6),
+    st.floats(0.05, 20.0), st.integers(0, 2**31 - 1),
+)
+def test_core_svd_property_reconstruction_and_orthonormality(
+    out_features: int, in_features: int, r: int, scale: float, seed: int
+) -> None:
+    rng = np.random.default_rng(seed)
+    a = rng.standard_normal((r, in_features))
+    b = rng.standard_normal((out_features, r))
+    u, sigma, vt = core_svd(a, b, scale)
+    dense = scale * b @ a
+    np.testing.assert_allclose((u * sigma) @ vt, dense, atol=1e-10 * max(1.0, np.abs(dense).max()))
+    k = sigma.shape[0]
+    np.testing.assert_allclose(u.T @ u, np.eye(k), atol=1e-10)
+    np.testing.assert_allclose(vt @ vt.T, np.eye(k), atol=1e-10)
+    np.testing.assert_allclose(sigma, core_singular_values(a, b, scale), rtol=1e-12, atol=1e-12)

@@ -8,6 +8,8 @@ O((in + out) · r²) and never forms the out×in matrix.
 This is the only place in Gradience that computes a spectrum. The core works on numpy
 arrays and, unchanged, on torch tensors (the training callback passes live weights on
 their device), stacked or not: a batch of modules of equal shape is one call.
+`core_svd` lifts the same core's singular vectors back through the Q factors (numpy only),
+for the tools that re-factor updates (compress, merge).
 """
 
 from __future__ import annotations
@@ -39,11 +41,23 @@ def _upcast(x: Any, xp: Any) -> Any:
     return x.to(xp.float64)
 
 
-def _r_factor(x: Any, xp: Any) -> Any:
-    """R of a thin QR of the last two axes; Q is never formed."""
-    if xp is np:
-        return np.linalg.qr(x, mode="r")
-    return xp.linalg.qr(x, mode="r")[1]
+def _qr_core(a: Any, b: Any, xp: Any, keep_q: bool = False) -> tuple[Any, Any, Any]:
+    """(Q_B, Q_A, R_B R_Aᵀ) for B = Q_B R_B and Aᵀ = Q_A R_A (thin QR of the last two axes).
+
+    The Q factors are formed only when `keep_q` (they are None otherwise): singular values
+    need the r×r core alone, singular vectors need Q_B and Q_A to lift the core's back.
+    """
+    if a.shape[-2] != b.shape[-1]:
+        raise ValueError(f"rank mismatch: lora_A has r={a.shape[-2]}, lora_B has r={b.shape[-1]}")
+    a_t = a.swapaxes(-1, -2)
+    if keep_q:
+        q_b, r_b = xp.linalg.qr(b)  # (..., out, p), (..., p, r) with p = min(out, r)
+        q_a, r_a = xp.linalg.qr(a_t)  # (..., in, q), (..., q, r) with q = min(in, r)
+    elif xp is np:
+        q_b, r_b, q_a, r_a = None, np.linalg.qr(b, mode="r"), None, np.linalg.qr(a_t, mode="r")
+    else:
+        q_b, r_b, q_a, r_a = None, xp.linalg.qr(b, mode="r")[1], None, xp.linalg.qr(a_t, mode="r")[1]
+    return q_b, q_a, r_b @ r_a.swapaxes(-1, -2)
 
 
 def core_singular_values(lora_A: Any, lora_B: Any, scale: float = 1.0) -> Any:
@@ -66,13 +80,43 @@ def core_singular_values(lora_A: Any, lora_B: Any, scale: float = 1.0) -> Any:
     xp = _namespace(lora_A)
     a = _upcast(lora_A, xp)
     b = _upcast(lora_B, xp)
-    if a.shape[-2] != b.shape[-1]:
-        raise ValueError(f"rank mismatch: lora_A has r={a.shape[-2]}, lora_B has r={b.shape[-1]}")
-    r_b = _r_factor(b, xp)  # (..., min(out, r), r)
-    r_a = _r_factor(a.swapaxes(-1, -2), xp)  # (..., min(in, r), r)
-    core = r_b @ r_a.swapaxes(-1, -2)
+    _, _, core = _qr_core(a, b, xp)  # (..., min(out, r), min(in, r))
     sigma = np.linalg.svd(core, compute_uv=False) if xp is np else xp.linalg.svdvals(core)
     return sigma * abs(float(scale))
+
+
+def core_svd(
+    lora_A: Any, lora_B: Any, scale: float = 1.0
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Thin SVD of `scale · lora_B @ lora_A` from the same QR core, in float64 numpy.
+
+    With B = Q_B R_B, Aᵀ = Q_A R_A and R_B R_Aᵀ = U_c Σ V_cᵀ, the update is
+    (Q_B U_c) · (|scale| Σ) · (Q_A V_c)ᵀ; a negative scale is folded into U. The out×in
+    matrix is never formed. Singular values are the ones `core_singular_values` returns.
+
+    Args:
+        lora_A: (..., r, in) array (bf16/fp16 are upcast first).
+        lora_B: (..., out, r) array with the same leading axes.
+        scale: the LoRA scaling s.
+
+    Returns:
+        (U, sigma, Vt): U (..., out, k), sigma (..., k) descending, Vt (..., k, in), with
+        k = min(out, in, r) columns: the rank-r update needs no more.
+
+    Example:
+        >>> U, s, Vt = core_svd(np.eye(2, 3), np.diag([3.0, 1.0]), scale=0.5)
+        >>> s.tolist(), np.allclose((U * s) @ Vt, 0.5 * np.diag([3.0, 1.0]) @ np.eye(2, 3))
+        ([1.5, 0.5], True)
+    """
+    a = np.asarray(lora_A, dtype=np.float64)
+    b = np.asarray(lora_B, dtype=np.float64)
+    q_b, q_a, core = _qr_core(a, b, np, keep_q=True)
+    u_c, sigma, vt_c = np.linalg.svd(core, full_matrices=False)
+    u = q_b @ u_c
+    vt = vt_c @ q_a.swapaxes(-1, -2)
+    if scale < 0:
+        u = -u
+    return u, sigma * abs(float(scale)), vt
 
 
 def energy_rank(sigma: np.ndarray, fraction: float = 0.9) -> int:
@@ -87,6 +131,17 @@ def energy_rank(sigma: np.ndarray, fraction: float = 0.9) -> int:
         return 0
     target = fraction * energy[-1] * (1.0 - _ENERGY_RTOL)
     return int(np.searchsorted(energy, target, side="left")) + 1
+
+
+def effective_rank(sigma: np.ndarray) -> float:
+    """exp of the entropy of pᵢ = σᵢ / Σσ (Roy and Vetterli); 0 for an all-zero spectrum."""
+    s = np.asarray(sigma, dtype=np.float64).ravel()
+    total = float(np.sum(s))
+    if total <= 0.0:
+        return 0.0
+    p = s / total
+    p = p[p > 0.0]  # a denormal σ can underflow to p = 0, whose term is 0 (not 0 · log 0)
+    return math.exp(float(-np.sum(p * np.log(p))))
 
 
 @dataclass(frozen=True)
@@ -135,8 +190,6 @@ def spectrum_metrics(
     if total <= 0.0 or smax <= 0.0:
         return SpectrumMetrics(rank, 0.0, 0.0, 0.0, 0.0, 0, 0, energy_fraction, 0.0, 0, True)
     stable = total / (smax * smax)
-    p = s[s > 0.0] / float(np.sum(s))
-    effective = math.exp(float(-np.sum(p * np.log(p))))
     tol = smax * max(shape) * FLOAT32_EPS
     return SpectrumMetrics(
         rank=rank,
@@ -147,7 +200,7 @@ def spectrum_metrics(
         energy_rank_90=energy_rank(s, 0.9),
         energy_rank=energy_rank(s, energy_fraction),
         energy_fraction=energy_fraction,
-        effective_rank=effective,
+        effective_rank=effective_rank(s),
         numerical_rank=int(np.count_nonzero(s > tol)),
         is_zero=False,
     )

@@ -1,0 +1,462 @@
+"""Truncated-SVD re-factorisation of a LoRA adapter to new per-module ranks.
+
+`compress(peft_dir, out_dir, rank=... | energy=... | policy=... | budget_params=...)`
+keeps the top-k singular directions of each update ΔW = s · B · A (Eckart–Young: the best
+rank-k approximation in Frobenius and spectral norm) and writes a PEFT adapter that loads
+with `PeftModel.from_pretrained`. Errors are closed form from the singular values: with
+energy E = Σσ², the relative Frobenius error is √(Σ_{i>k} σᵢ²) / √E and the relative
+spectral error σ_{k+1} / σ₁.
+
+Scale: each module keeps its `lora_alpha`, so PEFT applies s' = alpha / k (alpha / √k with
+rsLoRA) at the new rank, as if it had been trained at rank k. The new factors absorb s':
+A' = diag(√(σ/s')) Vtₖ and B' = Uₖ diag(√(σ/s')), so s' · B' · A' is the truncated update.
+Ranks and alphas are written as `rank_pattern` / `alpha_pattern` keyed by full module path.
+
+The adapter-writing helpers here (`prepare_out_dir`, `save_adapter`, ...) are shared with
+`gradience.compare.merge`.
+"""
+
+from __future__ import annotations
+
+import heapq
+import json
+import math
+import os
+import re
+import struct
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import numpy as np
+
+from gradience.adapter import (
+    CONFIG_NAME,
+    WEIGHT_NAMES,
+    Adapter,
+    LoraModule,
+    parse_lora_key,
+    pattern_key,
+)
+from gradience.audit import AuditReport, ModuleAudit, audit
+from gradience.errors import AdapterError, UnsupportedAdapterError, UsageError
+from gradience.policies import POLICIES
+from gradience.policies import energy as energy_policy
+from gradience.spectrum import FLOAT32_EPS, core_singular_values, core_svd
+from gradience.tensorfile import _DTYPES
+
+AUDIT_POLICIES = ("median", "p90", "per-module")
+_ST_NAMES = {np.dtype(v): k for k, v in _DTYPES.items()}
+V = TypeVar("V")
+
+
+@dataclass(frozen=True)
+class ModuleCompression:
+    """One module before and after; errors are relative to that module's ‖ΔW‖."""
+
+    name: str
+    kind: str
+    shape: tuple[int, int]
+    r_before: int
+    r_after: int
+    alpha: float
+    scale_before: float
+    scale_after: float
+    params_before: int
+    params_after: int
+    retained_energy: float  # Σ_{i≤k} σᵢ² / Σ σᵢ² (1 for a zero update)
+    relative_frobenius_error: float  # ‖ΔW − ΔWₖ‖_F / ‖ΔW‖_F
+    relative_spectral_error: float  # σ_{k+1} / σ₁
+
+
+@dataclass(frozen=True)
+class CompressReport:
+    """What `gradience compress` prints; `to_dict()` is exactly what `--json` prints."""
+
+    peft_dir: str
+    out_dir: str
+    selector: str  # "rank", "energy", "policy" or "budget_params"
+    value: str
+    r: int
+    lora_alpha: float
+    use_rslora: bool
+    params_before: int
+    params_after: int
+    param_reduction: float  # 1 − after / before
+    retained_energy: float  # over the whole adapter
+    relative_frobenius_error: float  # whole adapter: √(Σ tails) / √(Σ energies)
+    relative_spectral_error: float  # worst module
+    storage_error: float  # measured: written factors (in their dtype) vs the exact truncation
+    warnings: tuple[str, ...]
+    modules: tuple[ModuleCompression, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def compress(
+    peft_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    rank: int | None = None,
+    energy: float | None = None,
+    policy: str | None = None,
+    budget_params: int | None = None,
+    force: bool = False,
+) -> CompressReport:
+    """Re-factor every module of a PEFT LoRA adapter to a lower rank and save the result.
+
+    Args:
+        peft_dir: the input adapter folder.
+        out_dir: where to write adapter_config.json and adapter_model.safetensors.
+        rank: keep min(rank, r) directions in every module.
+        energy: keep each module's smallest k holding this fraction of Σσ².
+        policy: `median` / `p90` (the audit's uniform suggestions), `per-module` (its
+            rank_pattern), or a rank policy of `gradience.policies.POLICIES`.
+        budget_params: keep at most this many LoRA parameters, spent greedily on the rank
+            increments with the most energy σ² per parameter (in + out) across modules.
+        force: overwrite an adapter already in `out_dir`.
+        Exactly one of rank, energy, policy and budget_params is given.
+
+    Returns:
+        CompressReport with per-module ranks, closed-form errors and parameter counts.
+
+    Raises:
+        UsageError: bad selector, out_dir is the input or holds an adapter (without force).
+        AdapterError: an unreadable or non-finite module. UnsupportedAdapterError: DoRA.
+
+    Example:
+        >>> report = compress("runs/toy/peft", "runs/toy/peft-r4", rank=4)  # doctest: +SKIP
+        >>> report.param_reduction                                          # doctest: +SKIP
+        0.5
+    """
+    selector, value = _selector(rank, energy, policy, budget_params)
+    out = prepare_out_dir(out_dir, [peft_dir], force)
+    audited = audit(peft_dir)
+    _refuse(audited)
+    targets = _target_ranks(audited, selector, value)
+    adapter = Adapter.open(peft_dir)
+    keys = module_keys(adapter)
+    tensors: dict[str, np.ndarray] = {}
+    rows: list[ModuleCompression] = []
+    stored_err2 = 0.0
+    for module in adapter.modules():
+        if not isinstance(module, LoraModule):  # the audit saw none; the file changed since
+            raise AdapterError(f"{adapter.weights_path}: module {module.name}: {module.message}")
+        row, err2 = _compress_module(adapter, module, keys[module.name], targets[module.name], tensors)
+        rows.append(row)
+        stored_err2 += err2
+    for name in adapter.other_tensors:
+        tensors[name] = adapter.file.read(name)
+    settings = adapter.settings
+    ranks = {m.name: m.r_after for m in rows}
+    r_new = global_rank(ranks)
+    names = [m.name for m in rows]
+    config = dict(settings.raw)
+    config.update(
+        r=r_new,
+        rank_pattern=exact_pattern_keys({n: k for n, k in ranks.items() if k != r_new}, names),
+        alpha_pattern=exact_pattern_keys(
+            {m.name: m.alpha for m in rows if m.alpha != settings.lora_alpha}, names
+        ),
+    )
+    save_adapter(out, config, tensors)
+    notes = [
+        f"input {label} keys that match no module were dropped: {', '.join(ks)}"
+        for label, ks in adapter.unmatched_pattern_keys().items()
+    ]
+    return _report(audited, out, selector, value, r_new, rows, stored_err2, settings.use_rslora, notes)
+
+
+def _selector(
+    rank: int | None, energy: float | None, policy: str | None, budget: int | None
+) -> tuple[str, Any]:
+    given = {k: v for k, v in (("rank", rank), ("energy", energy), ("policy", policy), ("budget_params", budget)) if v is not None}
+    if len(given) != 1:
+        raise UsageError("give exactly one of --rank, --energy, --policy, --budget-params")
+    (name, value), = given.items()
+    if name in ("rank", "budget_params") and (isinstance(value, bool) or int(value) != value or value < 1):
+        raise UsageError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
+    if name == "energy" and not 0.0 < float(value) <= 1.0:
+        raise UsageError(f"--energy must be in (0, 1], got {value}")
+    if name == "policy" and value not in AUDIT_POLICIES and value not in POLICIES:
+        raise UsageError(f"unknown --policy {value!r}; choose from {', '.join((*AUDIT_POLICIES, *POLICIES))}")
+    return name, value
+
+
+def _refuse(report: AuditReport) -> None:
+    where = report.peft_dir
+    if report.use_dora:
+        raise UnsupportedAdapterError(
+            f"{where}: DoRA adapter; truncating B·A changes the weight norm its magnitude "
+            "vector rescales, which needs the base weights (plain LoRA and rsLoRA only)"
+        )
+    if report.problems:
+        p = report.problems[0]
+        raise AdapterError(f"{where}: module {p['module']} cannot be read ({p['problem']})")
+    bad = [m.name for m in report.modules if m.status == "nonfinite"]
+    if bad:
+        raise AdapterError(f"{where}: module {bad[0]} holds NaN/Inf weights ({len(bad)} such module(s))")
+
+
+def _target_ranks(report: AuditReport, selector: str, value: Any) -> dict[str, int]:
+    """Kept rank per module, in [1, min(r, in, out)] (a zero update keeps one zero direction)."""
+    rows = report.modules
+    if selector == "budget_params":
+        return budget_ranks(rows, int(value))
+    out = {}
+    g = report.suggestion
+    for m in rows:
+        sigma = np.asarray(m.singular_values)
+        if selector == "rank":
+            k = int(value)
+        elif selector == "energy":
+            k = energy_policy(sigma, float(value))
+        elif value == "median":
+            k = g.uniform_median
+        elif value == "p90":
+            k = g.uniform_p90
+        elif value == "per-module":
+            k = g.rank_pattern[m.name]
+        else:
+            k = POLICIES[value](sigma, m.shape)
+        out[m.name] = max(1, min(k, sigma.size))
+    return out
+
+
+def budget_ranks(rows: Sequence[ModuleAudit], budget: int) -> dict[str, int]:
+    """Greedy ranks under a LoRA-parameter budget (one rank costs in + out parameters).
+
+    Every module starts at rank 1; then the increment with the largest σ²_{k+1} / (in + out)
+    anywhere is taken while it fits. A module whose next increment does not fit drops out
+    (its later ones cost the same and are worth less). Directions below the numerical-rank
+    tolerance (σ ≤ σ₁ · max(out, in) · eps(float32)) are never bought. Energy is absolute
+    (of the scaled update), so the greedy choice minimises the adapter's total squared
+    Frobenius error for the parameters spent.
+    """
+    cost = {m.name: m.shape[0] + m.shape[1] for m in rows}
+    ranks = dict.fromkeys(cost, 1)
+    left = budget - sum(cost.values())
+    if left < 0:
+        raise UsageError(f"--budget-params {budget} is below the minimum {budget - left} (rank 1 in every module)")
+
+    def push(i: int, m: ModuleAudit, j: int) -> None:
+        sigma = m.singular_values
+        if j < len(sigma) and sigma[j] > sigma[0] * max(m.shape) * FLOAT32_EPS:
+            heapq.heappush(heap, (-sigma[j] ** 2 / cost[m.name], i, j, m))
+
+    heap: list[tuple[float, int, int, ModuleAudit]] = []
+    for i, m in enumerate(rows):
+        push(i, m, 1)
+    while heap:
+        _, i, j, m = heapq.heappop(heap)
+        if cost[m.name] <= left:
+            ranks[m.name] += 1
+            left -= cost[m.name]
+            push(i, m, j + 1)
+    return ranks
+
+
+def _compress_module(
+    adapter: Adapter, m: LoraModule, keys: tuple[str, str], k: int, tensors: dict[str, np.ndarray]
+) -> tuple[ModuleCompression, float]:
+    """Write module `m` at rank k into `tensors`; returns its row and its squared storage error."""
+    key_a, key_b = keys
+    u, sigma, vt = core_svd(m.lora_A, m.lora_B, m.scale)
+    total = float(np.sum(np.square(sigma)))
+    tail = float(np.sum(np.square(sigma[k:])))
+    new_scale = lora_scale(m.alpha, k, adapter.settings.use_rslora)
+    err2 = 0.0
+    if k == m.r:  # nothing to drop: keep the stored bits as they are
+        tensors[key_a], tensors[key_b] = adapter.file.read(key_a), adapter.file.read(key_b)
+    else:
+        a, b = split_factors(u[:, :k], sigma[:k], vt[:k], new_scale)
+        sa, sb = adapter.file.read(key_a), adapter.file.read(key_b)
+        tensors[key_a], tensors[key_b] = to_stored(m.kind, a, b, sa.shape, sb.shape, sa.dtype, sb.dtype)
+        wa, wb = from_stored(m.kind, tensors[key_a], tensors[key_b])
+        err2 = factored_distance(wa, new_scale * wb, vt[:k], u[:, :k] * sigma[:k]) ** 2
+    row = ModuleCompression(
+        name=m.name, kind=m.kind, shape=m.shape, r_before=m.r, r_after=k, alpha=m.alpha,
+        scale_before=m.scale, scale_after=new_scale, params_before=m.params,
+        params_after=k * (m.shape[0] + m.shape[1]),
+        retained_energy=(total - tail) / total if total > 0 else 1.0,
+        relative_frobenius_error=math.sqrt(tail / total) if total > 0 else 0.0,
+        relative_spectral_error=float(sigma[k] / sigma[0]) if k < sigma.size and sigma[0] > 0 else 0.0,
+    )
+    return row, err2
+
+
+def _report(
+    audited: AuditReport, out: Path, selector: str, value: Any, r_new: int,
+    rows: list[ModuleCompression], stored_err2: float, use_rslora: bool, notes: Sequence[str],
+) -> CompressReport:
+    energies = [(m.frobenius_norm or 0.0) ** 2 for m in audited.modules]
+    total = sum(energies)
+    tails = sum(e * row.relative_frobenius_error**2 for e, row in zip(energies, rows, strict=True))
+    before, after = sum(m.params_before for m in rows), sum(m.params_after for m in rows)
+    warnings = list(notes)
+    unchanged = [m.name for m in rows if m.r_after == m.r_before]
+    if unchanged and selector == "rank":
+        warnings.append(f"{len(unchanged)} module(s) already at or below rank {value}: copied unchanged")
+    return CompressReport(
+        peft_dir=audited.peft_dir, out_dir=str(out), selector=selector, value=str(value), r=r_new,
+        lora_alpha=audited.lora_alpha, use_rslora=use_rslora, params_before=before,
+        params_after=after, param_reduction=1.0 - after / before if before else 0.0,
+        retained_energy=(total - tails) / total if total > 0 else 1.0,
+        relative_frobenius_error=math.sqrt(max(tails, 0.0) / total) if total > 0 else 0.0,
+        relative_spectral_error=max((m.relative_spectral_error for m in rows), default=0.0),
+        storage_error=math.sqrt(stored_err2 / total) if total > 0 else 0.0,
+        warnings=tuple(warnings), modules=tuple(rows),
+    )
+
+
+# --- helpers shared with merge: scale, factor layout, pattern keys, writing -----------------
+
+
+def lora_scale(alpha: float, r: int, use_rslora: bool) -> float:
+    """PEFT's scaling at rank r: alpha / r, or alpha / √r with rsLoRA."""
+    return alpha / math.sqrt(r) if use_rslora else alpha / r
+
+
+def split_factors(
+    u: np.ndarray, sigma: np.ndarray, vt: np.ndarray, scale: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """(A, B) with scale · B · A = U diag(σ) Vt, √(σ/|scale|) on each side (sign on B)."""
+    if scale == 0.0:
+        if np.any(sigma > 0):
+            raise UsageError("lora_alpha is 0: a nonzero update cannot be written at scale 0")
+        return np.zeros_like(vt), np.zeros_like(u)
+    root = np.sqrt(sigma / abs(scale))
+    return root[:, None] * vt, u * (root * math.copysign(1.0, scale))
+
+
+def to_stored(
+    kind: str, a: np.ndarray, b: np.ndarray, like_a: tuple[int, ...], like_b: tuple[int, ...],
+    dtype_a: Any, dtype_b: Any,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(A: (k, in), B: (out, k)) in the layout PEFT saves for `kind`, cast to the stored dtypes.
+
+    `like_a` / `like_b` are the stored shapes of a module of the same kind (any rank).
+    """
+    k = a.shape[0]
+    if kind == "embedding":  # lora_embedding_A: (k, num_embeddings), lora_embedding_B: (dim, k)
+        sa, sb = b.T, a.T
+    elif kind == "conv":  # lora_A (k, in, *kernel), lora_B (out, k, *ones)
+        sa, sb = a.reshape(k, *like_a[1:]), b.reshape(like_b[0], k, *like_b[2:])
+    else:
+        sa, sb = a, b
+    return np.ascontiguousarray(sa.astype(dtype_a)), np.ascontiguousarray(sb.astype(dtype_b))
+
+
+def from_stored(kind: str, sa: np.ndarray, sb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Inverse of `to_stored`, in float64: (A: (k, in), B: (out, k))."""
+    a, b = np.asarray(sa, dtype=np.float64), np.asarray(sb, dtype=np.float64)
+    if kind == "embedding":
+        return b.T, a.T
+    return a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1)
+
+
+def factored_distance(a1: np.ndarray, b1: np.ndarray, a2: np.ndarray, b2: np.ndarray) -> float:
+    """‖B₁A₁ − B₂A₂‖_F through the QR core of [B₁ | −B₂] · [A₁; A₂], never out×in.
+
+    Unlike ‖X‖² + ‖Y‖² − 2⟨X, Y⟩ this does not cancel catastrophically when X ≈ Y.
+    """
+    a = np.concatenate([np.asarray(a1, np.float64), np.asarray(a2, np.float64)], axis=0)
+    b = np.concatenate([np.asarray(b1, np.float64), -np.asarray(b2, np.float64)], axis=1)
+    return float(np.linalg.norm(core_singular_values(a, b)))
+
+
+def module_keys(adapter: Adapter) -> dict[str, tuple[str, str]]:
+    """Module path -> (stored lora_A key, stored lora_B key), from the one key parser."""
+    found: dict[str, dict[str, str]] = {}
+    for info in adapter.file:
+        parsed = parse_lora_key(info.name)
+        if parsed is not None and parsed[1] != "lora_magnitude_vector":
+            found.setdefault(parsed[0], {})[parsed[1][-1]] = info.name
+    return {m: (d["A"], d["B"]) for m, d in found.items() if "A" in d and "B" in d}
+
+
+def global_rank(ranks: Mapping[str, int]) -> int:
+    """The most common rank (the larger on a tie): the `r` that needs the fewest pattern keys."""
+    counts = Counter(ranks.values())
+    return max(counts, key=lambda k: (counts[k], k))
+
+
+def exact_pattern_keys(values: Mapping[str, V], modules: Sequence[str]) -> dict[str, V]:
+    """rank_pattern / alpha_pattern entries keyed so that each matches exactly its module.
+
+    PEFT treats keys as regexes matched at the end of the module path; a plain path is used
+    when it matches only its own module, else its `re.escape`d form, else one anchored with
+    `^`. Each key matching one module makes the first-match-wins order irrelevant.
+    """
+    out: dict[str, V] = {}
+    for name, value in values.items():
+        for key in (name, re.escape(name), "^" + re.escape(name)):
+            hits = [m for m in modules if pattern_key([key], m) is not None]
+            if hits == [name]:
+                out[key] = value
+                break
+        else:
+            raise AdapterError(f"module {name}: no rank_pattern/alpha_pattern key matches it alone")
+    return out
+
+
+def prepare_out_dir(out_dir: str | Path, inputs: Sequence[str | Path], force: bool) -> Path:
+    """Check that `out_dir` may receive an adapter; nothing is written yet."""
+    out = Path(out_dir)
+    for d in inputs:
+        if Path(d).exists() and out.resolve() == Path(d).resolve():
+            raise UsageError(f"{out}: is an input adapter directory; choose another --out-dir")
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"{out}: exists and is not a directory")
+    existing = [n for n in (CONFIG_NAME, *WEIGHT_NAMES) if (out / n).exists()]
+    if existing and not force:
+        raise UsageError(f"{out}: already holds an adapter ({existing[0]}); pass --force to overwrite it")
+    return out
+
+
+def save_adapter(out: Path, config: Mapping[str, Any], tensors: Mapping[str, np.ndarray]) -> None:
+    """Write adapter_model.safetensors then adapter_config.json, each via a temp file + os.replace."""
+    out.mkdir(parents=True, exist_ok=True)
+    write_safetensors(out / WEIGHT_NAMES[0], tensors)
+    _replace_atomic(out / CONFIG_NAME, (json.dumps(dict(config), indent=2) + "\n").encode("utf-8"))
+    stale = out / WEIGHT_NAMES[1]
+    if stale.exists():  # PEFT would ignore it, but a reader of the folder might not
+        stale.unlink()
+
+
+def write_safetensors(path: Path, tensors: Mapping[str, np.ndarray]) -> None:
+    """A safetensors file (bf16 included, which safetensors.numpy cannot write).
+
+    Tensors are laid out by descending item size after an 8-byte-padded header, so every
+    tensor starts aligned to its own item size.
+    """
+    arrays = {n: np.ascontiguousarray(t) for n, t in tensors.items()}
+    order = sorted(arrays, key=lambda n: (-arrays[n].dtype.itemsize, n))
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name in order:
+        t = arrays[name]
+        if t.dtype not in _ST_NAMES:
+            raise UsageError(f"{path}: tensor {name!r} has dtype {t.dtype}, which safetensors cannot hold")
+        header[name] = {"dtype": _ST_NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + t.nbytes]}
+        offset += t.nbytes
+    head = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    head += b" " * (-len(head) % 8)
+    chunks = [struct.pack("<Q", len(head)), head, *(arrays[n].tobytes() for n in order)]
+    _replace_atomic(path, b"".join(chunks))
+
+
+def _replace_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
