@@ -9,6 +9,8 @@ hypotheses about the adapter's geometry; only an eval can confirm them.
 from __future__ import annotations
 
 import math
+import sys
+import types
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -330,3 +332,14 @@ def _warnings(adapter: Adapter, rows: list[ModuleAudit], problems: list[dict[str
     if problems:
         out.append(f"{len(problems)} module(s) could not be read; see problems")
     return out
+
+
+class _CallableModule(types.ModuleType):
+    """Once `gradience.audit` is imported as a submodule, Python binds that name on the
+    package to the module; making the module callable keeps `gradience.audit(path)` working."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> AuditReport:
+        return audit(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule
