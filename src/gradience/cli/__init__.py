@@ -21,13 +21,14 @@ from collections.abc import Sequence
 from gradience import __version__
 from gradience.cli import analyze as analyze_cmd
 from gradience.cli import audit as audit_cmd
+from gradience.cli import check as check_cmd
 from gradience.cli import compare as compare_cmd
 from gradience.cli import compress as compress_cmd
 from gradience.cli import merge as merge_cmd
 from gradience.cli import monitor as monitor_cmd
 from gradience.errors import GradienceError
 
-COMMANDS = [audit_cmd, monitor_cmd, analyze_cmd, compress_cmd, compare_cmd, merge_cmd]
+COMMANDS = [audit_cmd, check_cmd, monitor_cmd, analyze_cmd, compress_cmd, compare_cmd, merge_cmd]
 
 
 def build_parser() -> argparse.ArgumentParser:
