@@ -16,8 +16,9 @@ import numpy as np
 import pytest
 
 from gradience.adapter import Adapter, pattern_key
+from gradience.adapter_writer import exact_pattern_keys, write_safetensors
 from gradience.audit import audit
-from gradience.compress import budget_ranks, compress, exact_pattern_keys, write_safetensors
+from gradience.compress import budget_ranks, compress
 from gradience.errors import UnsupportedAdapterError, UsageError
 from gradience.tensorfile import TensorFile
 from tests.factories import AdapterSpec, ModuleSpec, write_adapter

@@ -1,16 +1,20 @@
-"""Reading a saved PEFT LoRA adapter as PEFT itself would apply it.
+"""Reading a saved LoRA adapter as the library that trained it would apply it.
 
-This module is the one home of LoRA key parsing and of config semantics: per-module rank
-and alpha from `rank_pattern` / `alpha_pattern` (PEFT's matching rule), the rsLoRA scale,
-`fan_in_fan_out`, embedding LoRA, DoRA and adapter-name infixes. Weights are read lazily,
-one module at a time, so an audit's memory does not grow with the adapter.
+The one home of LoRA key parsing and config semantics, with two key grammars. `peft` (a
+folder): settings from `adapter_config.json`, per-module r / alpha from `rank_pattern` /
+`alpha_pattern` (PEFT's matching rule), rsLoRA, `fan_in_fan_out`, embedding LoRA, DoRA,
+adapter-name infixes. `kohya` (one safetensors file from kohya-ss or diffusers):
+`<prefix>.lora_down.weight` (r, in[, kh, kw]), `<prefix>.lora_up.weight` (out, r[, 1, 1]),
+an optional scalar `<prefix>.alpha` (diffusers' `.lora.down`, `_lora.down` and config-less
+`lora_A` spellings too); settings from the file itself: scale = alpha / r, alpha = r if absent.
+Weights are read lazily, one module at a time, so memory does not grow with the adapter.
 """
-
 from __future__ import annotations
 
 import json
 import math
 import re
+from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +23,9 @@ from typing import Any
 import numpy as np
 
 from gradience.errors import AdapterError, UnsupportedAdapterError, UsageError
+from gradience.naming import layer_index as layer_index
+from gradience.naming import module_type as module_type
+from gradience.naming import natural_key
 from gradience.tensorfile import TensorFile
 
 CONFIG_NAME = "adapter_config.json"
@@ -31,6 +38,11 @@ _FOREIGN_PARTS = {
     "lora_E": "AdaLoRA", "oft_r": "OFT", "boft_R": "BOFT",
 }
 _KEY_RE = re.compile(r"^(?P<module>.+?)\.(?P<part>" + "|".join(LORA_PARTS) + r")(?P<rest>(\.[^.]+)*)$")
+FORMATS = ("peft", "kohya")
+# kohya / diffusers single files; every spelling maps to PEFT's part names (down = A, up = B).
+_KOHYA_RE = re.compile(r"^(?P<module>.+?)(?:(?P<part>[._]lora[._](?:down|up)|\.lora_[AB])\.weight|\.(?P<alpha>alpha))$")
+_KOHYA_SPECIFIC = re.compile(r"\.lora_(?:down|up)\.|[._]lora\.(?:down|up)\.")
+_PART_LABELS = {"peft": ("lora_A", "lora_B"), "kohya": ("lora_down", "lora_up")}
 
 
 def pattern_key(pattern_keys: Iterable[str], module_name: str) -> str | None:
@@ -49,12 +61,20 @@ def pattern_key(pattern_keys: Iterable[str], module_name: str) -> str | None:
     return None
 
 
-def parse_lora_key(key: str) -> tuple[str, str, str | None] | None:
+def parse_lora_key(key: str, fmt: str = "peft") -> tuple[str, str, str | None] | None:
     """Split a state-dict key into (module path, LoRA part, adapter name), or None.
 
-    Handles saved keys (`base_model.model.x.lora_A.weight`, `x.lora_embedding_A`) and
-    in-memory ones with an adapter-name infix (`x.lora_A.default.weight`).
+    `peft` handles saved keys (`base_model.model.x.lora_A.weight`, `x.lora_embedding_A`) and
+    in-memory ones with an adapter-name infix (`x.lora_A.default.weight`). `kohya` maps
+    `x.lora_down.weight` / `x.lora_up.weight` (and diffusers' spellings) to parts `lora_A` /
+    `lora_B`, and `x.alpha` to part `alpha`; its adapter name is always None.
+
+    Example:
+        >>> parse_lora_key("lora_te_x_q_proj.lora_up.weight", "kohya")
+        ('lora_te_x_q_proj', 'lora_B', None)
     """
+    if fmt == "kohya":
+        return _parse_kohya_key(key)
     m = _KEY_RE.match(key)
     if m is None:
         return None
@@ -67,6 +87,19 @@ def parse_lora_key(key: str) -> tuple[str, str, str | None] | None:
         return None
     module = m.group("module").removeprefix(SAVED_PREFIX)
     return module, m.group("part"), (rest[0] if rest else None)
+
+
+def _parse_kohya_key(key: str) -> tuple[str, str, str | None] | None:
+    m = _KOHYA_RE.match(key)
+    if m is None or (m.group("part") or "").startswith("_lora_"):  # `x_lora_down` is no spelling
+        return None
+    part = m.group("alpha") or ("lora_A" if m.group("part").endswith(("down", "A")) else "lora_B")
+    return m.group("module"), part, None
+
+
+def detect_format(names: Iterable[str]) -> str:
+    """`kohya` when any key is spelled `lora_down` / `lora_up` (or diffusers' `lora.down`), else `peft`."""
+    return "kohya" if any(_KOHYA_SPECIFIC.search(n) for n in names) else "peft"
 
 
 @dataclass(frozen=True)
@@ -91,23 +124,17 @@ class LoraSettings:
         peft_type = str(cfg.get("peft_type", "LORA")).upper()
         if peft_type != "LORA":
             raise UnsupportedAdapterError(
-                f"{source}: peft_type is {peft_type}; gradience audits LoRA adapters only "
-                "(LoRA, rsLoRA, DoRA)"
+                f"{source}: peft_type is {peft_type}; gradience audits LoRA adapters only (LoRA, rsLoRA, DoRA)"
             )
         try:
             settings = cls(
-                r=int(cfg.get("r", 8)),
-                lora_alpha=float(cfg.get("lora_alpha", 8)),
-                use_rslora=bool(cfg.get("use_rslora", False)),
-                use_dora=bool(cfg.get("use_dora", False)),
+                r=int(cfg.get("r", 8)), lora_alpha=float(cfg.get("lora_alpha", 8)),
+                use_rslora=bool(cfg.get("use_rslora", False)), use_dora=bool(cfg.get("use_dora", False)),
                 fan_in_fan_out=bool(cfg.get("fan_in_fan_out", False)),
                 rank_pattern={str(k): int(v) for k, v in (cfg.get("rank_pattern") or {}).items()},
                 alpha_pattern={str(k): float(v) for k, v in (cfg.get("alpha_pattern") or {}).items()},
-                target_modules=cfg.get("target_modules"),
-                base_model_name_or_path=cfg.get("base_model_name_or_path"),
-                task_type=cfg.get("task_type"),
-                peft_type=peft_type,
-                raw=dict(cfg),
+                target_modules=cfg.get("target_modules"), base_model_name_or_path=cfg.get("base_model_name_or_path"),
+                task_type=cfg.get("task_type"), peft_type=peft_type, raw=dict(cfg),
             )
         except (TypeError, ValueError, AttributeError) as exc:
             raise AdapterError(f"{source}: invalid LoRA setting ({exc})") from None
@@ -171,6 +198,7 @@ class _ModuleKeys:
     b: str | None = None
     embedding: bool = False
     magnitude: str | None = None
+    alpha: str | None = None  # kohya: the module's scalar alpha tensor
 
 
 def _find_config(peft_dir: Path) -> Path:
@@ -203,28 +231,42 @@ def load_settings(path: Path) -> LoraSettings:
 
 
 class Adapter:
-    """A PEFT LoRA adapter on disk, indexed from the weights header only.
+    """A LoRA adapter on disk, indexed from the weights header only.
+
+    `fmt` is the key grammar (`peft` or `kohya`, see the module docstring). A kohya file has
+    no config: `settings` then summarises the file (most common rank and alpha) and each
+    module's r and alpha are read from its own tensors.
 
     Example:
         >>> adapter = Adapter.open("runs/toy/peft")  # doctest: +SKIP
         >>> for module in adapter.modules(): ...      # doctest: +SKIP
     """
 
-    def __init__(self, config_path: Path, weights_path: Path, settings: LoraSettings) -> None:
+    def __init__(self, config_path: Path | None, weights_path: Path, settings: LoraSettings | None, fmt: str = "peft") -> None:
         self.config_path = config_path
         self.weights_path = weights_path
-        self.settings = settings
+        self.format = fmt
         self.file = TensorFile(weights_path)
         self._index = self._build_index()
+        self.settings = settings if settings is not None else self._file_settings()
 
     @classmethod
     def open(
-        cls,
-        peft_dir: str | Path,
-        adapter_config: str | Path | None = None,
-        weights: str | Path | None = None,
+        cls, peft_dir: str | Path | None, adapter_config: str | Path | None = None,
+        weights: str | Path | None = None, fmt: str = "auto",
     ) -> Adapter:
-        """Open a PEFT directory; `adapter_config` / `weights` override the files in it."""
+        """Open a PEFT directory, or a single weights file when `peft_dir` is None.
+
+        `adapter_config` / `weights` override the files in `peft_dir`. `fmt="auto"` reads a
+        folder as PEFT; a lone file as PEFT when an adapter_config.json sits beside it,
+        else as kohya (its keys say which spelling).
+        """
+        if fmt not in ("auto", *FORMATS):
+            raise UsageError(f"unknown --format {fmt!r}; choose from auto, {', '.join(FORMATS)}")
+        if peft_dir is None:
+            return cls._open_file(weights, adapter_config, fmt)
+        if fmt == "kohya":
+            raise UsageError("--format kohya reads one file: pass --weights FILE without --peft-dir")
         d = Path(peft_dir)
         if not d.exists():
             raise UsageError(f"{d}: directory not found")
@@ -233,6 +275,21 @@ class Adapter:
         config_path = Path(adapter_config) if adapter_config else _find_config(d)
         weights_path = Path(weights) if weights else _find_weights(d)
         return cls(config_path, weights_path, load_settings(config_path))
+
+    @classmethod
+    def _open_file(cls, weights: str | Path | None, adapter_config: str | Path | None, fmt: str) -> Adapter:
+        if weights is None:
+            raise UsageError("pass --peft-dir DIR, or --weights FILE for a single-file (kohya) adapter")
+        path = Path(weights)
+        beside = path.parent / CONFIG_NAME
+        config = Path(adapter_config) if adapter_config else (beside if beside.is_file() else None)
+        if fmt == "auto":
+            fmt = "kohya" if config is None or detect_format(TensorFile(path).names) == "kohya" else "peft"
+        if fmt == "peft":
+            if config is None:
+                raise UsageError(f"{path}: no {CONFIG_NAME} beside it; pass --adapter-config or --format kohya")
+            return cls(config, path, load_settings(config))
+        return cls(None, path, None, "kohya")
 
     @property
     def module_names(self) -> list[str]:
@@ -271,13 +328,11 @@ class Adapter:
         self._others: list[str] = []
         adapters: set[str] = set()
         for info in self.file:
-            for frag, method in _FOREIGN_PARTS.items():
-                if f".{frag}" in info.name:
-                    raise UnsupportedAdapterError(
-                        f"{self.weights_path}: holds {method} tensors ({info.name}); "
-                        "gradience audits LoRA adapters only"
-                    )
-            parsed = parse_lora_key(info.name)
+            for method in (m for frag, m in _FOREIGN_PARTS.items() if f".{frag}" in info.name):
+                raise UnsupportedAdapterError(
+                    f"{self.weights_path}: holds {method} tensors ({info.name}); gradience audits LoRA adapters only"
+                )
+            parsed = parse_lora_key(info.name, self.format)
             if parsed is None:
                 self._others.append(info.name)
                 continue
@@ -289,6 +344,8 @@ class Adapter:
                 slot["a"], slot["embedding"] = info.name, part == "lora_embedding_A"
             elif part in ("lora_B", "lora_embedding_B"):
                 slot["b"] = info.name
+            elif part == "alpha":
+                slot["alpha"] = info.name
             else:
                 slot["magnitude"] = info.name
         if len(adapters) > 1:
@@ -297,13 +354,15 @@ class Adapter:
                 "save each with save_pretrained and audit them one at a time"
             )
         if not index:
-            raise AdapterError(f"{self.weights_path}: no LoRA tensors (lora_A / lora_B) found")
-        return {k: _ModuleKeys(**v) for k, v in sorted(index.items(), key=lambda kv: _natural_key(kv[0]))}
+            raise AdapterError(f"{self.weights_path}: no LoRA tensors ({' / '.join(_PART_LABELS[self.format])}) found")
+        return {k: _ModuleKeys(**v) for k, v in sorted(index.items(), key=lambda kv: natural_key(kv[0]))}
 
     def _load(self, name: str, keys: _ModuleKeys) -> LoraModule:
         where = f"{self.weights_path}: module {name}"
+        label_a, label_b = _PART_LABELS[self.format]
         if keys.a is None or keys.b is None:
-            have, lacks = ("lora_A", "lora_B") if keys.a else ("lora_B", "lora_A")
+            have, lacks = (label_a, label_b) if keys.a else (label_b, label_a)
+            have = have if keys.a or keys.b else "only alpha"
             raise AdapterError(f"{where} has {have} but no {lacks}")
         a, b = self.file.read(keys.a), self.file.read(keys.b)
         kind = "linear"
@@ -317,8 +376,11 @@ class Adapter:
             raise AdapterError(f"{where}: expected 2-D factors, got {list(a.shape)} and {list(b.shape)}")
         if a.shape[0] != b.shape[1]:
             raise AdapterError(
-                f"{where}: lora_A has rank {a.shape[0]} but lora_B has rank {b.shape[1]} (shape mismatch)"
+                f"{where}: {label_a} has rank {a.shape[0]} but {label_b} has rank {b.shape[1]} (shape mismatch)"
             )
+        if self.format == "kohya":
+            r, alpha = int(a.shape[0]), self._kohya_alpha(keys, int(a.shape[0]), where)
+            return LoraModule(name=name, kind=kind, lora_A=a, lora_B=b, r=r, alpha=alpha, scale=alpha / r)
         r = self.settings.rank_for(name)
         if a.shape[0] != r:
             raise AdapterError(
@@ -331,38 +393,19 @@ class Adapter:
             dora=keys.magnitude is not None or self.settings.use_dora,
         )
 
+    def _kohya_alpha(self, keys: _ModuleKeys, r: int, where: str) -> float:
+        """The module's `.alpha` scalar (kohya's scale is alpha / r), or r when it has none."""
+        if keys.alpha is None:
+            return float(r)
+        value = np.asarray(self.file.read(keys.alpha), dtype=np.float64)
+        if value.size != 1 or not np.isfinite(value).all():
+            raise AdapterError(f"{where}: alpha must be one finite number, got shape {list(value.shape)}")
+        return float(value.reshape(()))
 
-def _natural_key(name: str) -> list[Any]:
-    """Sort `layers.10` after `layers.9`."""
-    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
-
-
-_ATTN = {"attn", "attention", "self_attn", "self_attention", "q_proj", "k_proj", "v_proj",
-         "o_proj", "query", "key", "value", "qkv_proj", "c_attn", "wqkv", "out_proj", "wq",
-         "wk", "wv", "wo", "to_q", "to_k", "to_v", "to_out"}
-_MLP = {"mlp", "ffn", "feed_forward", "intermediate", "gate_proj", "up_proj", "down_proj",
-        "fc1", "fc2", "c_fc", "w1", "w2", "w3", "dense_h_to_4h", "dense_4h_to_h", "experts",
-        "gate_up_proj"}
-_LAYER_RE = re.compile(r"(?:^|\.)(\d+)(?:\.|$)")
-
-
-def layer_index(name: str) -> int | None:
-    """The transformer block a module sits in (first numeric path component), if any."""
-    m = _LAYER_RE.search(name)
-    return int(m.group(1)) if m else None
-
-
-def module_type(name: str, kind: str = "linear") -> str:
-    """`attn`, `mlp`, `embed` or `other`, from the module path's components."""
-    if kind == "embedding":
-        return "embed"
-    tokens = name.lower().split(".")
-    for i, tok in enumerate(tokens):
-        if tok in _ATTN:
-            return "attn"
-        if tok in _MLP:
-            return "mlp"
-        # BERT-style blocks: `layer.N.output.dense` is the MLP's down projection.
-        if tok == "output" and i > 0 and tokens[i - 1].isdigit():
-            return "mlp"
-    return "embed" if any("embed" in t for t in tokens) else "other"
+    def _file_settings(self) -> LoraSettings:
+        """A kohya file's summary for the report: its most common rank and its median alpha."""
+        ranks = Counter(self.file.info(k.a).shape[0] for k in self._index.values() if k.a is not None)
+        r = max(1, max(ranks, key=lambda k: (ranks[k], k)) if ranks else 1)
+        alphas = [self.file.read(k.alpha) for k in self._index.values() if k.alpha is not None]
+        alpha = float(np.median([float(np.asarray(x, np.float64).ravel()[0]) for x in alphas if x.size])) if alphas else r
+        return LoraSettings(r=r, lora_alpha=alpha, raw={"format": "kohya"})

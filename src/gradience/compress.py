@@ -12,44 +12,42 @@ rsLoRA) at the new rank, as if it had been trained at rank k. The new factors ab
 A' = diag(√(σ/s')) Vtₖ and B' = Uₖ diag(√(σ/s')), so s' · B' · A' is the truncated update.
 Ranks and alphas are written as `rank_pattern` / `alpha_pattern` keyed by full module path.
 
-The adapter-writing helpers here (`prepare_out_dir`, `save_adapter`, ...) are shared with
-`gradience.compare.merge`.
+The written adapter goes through `gradience.adapter_writer` (shared with `gradience.merge`).
+With `verify=eval_fn`, the input and output adapters are both scored by the caller's eval,
+so the closed-form errors come with a measured before/after.
 """
 
 from __future__ import annotations
 
 import heapq
-import json
 import math
-import os
-import re
-import struct
-from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
 
-from gradience.adapter import (
-    CONFIG_NAME,
-    WEIGHT_NAMES,
-    Adapter,
-    LoraModule,
-    parse_lora_key,
-    pattern_key,
+from gradience.adapter import Adapter, LoraModule
+from gradience.adapter_writer import (
+    exact_pattern_keys,
+    factored_distance,
+    from_stored,
+    global_rank,
+    lora_scale,
+    module_keys,
+    prepare_out_dir,
+    save_adapter,
+    split_factors,
+    to_stored,
 )
 from gradience.audit import AuditReport, ModuleAudit, audit
 from gradience.errors import AdapterError, UnsupportedAdapterError, UsageError
 from gradience.policies import POLICIES
 from gradience.policies import energy as energy_policy
-from gradience.spectrum import FLOAT32_EPS, core_singular_values, core_svd
-from gradience.tensorfile import _DTYPES
+from gradience.spectrum import FLOAT32_EPS, core_svd
 
 AUDIT_POLICIES = ("median", "p90", "per-module")
-_ST_NAMES = {np.dtype(v): k for k, v in _DTYPES.items()}
-V = TypeVar("V")
 
 
 @dataclass(frozen=True)
@@ -310,153 +308,3 @@ def _report(
         storage_error=math.sqrt(stored_err2 / total) if total > 0 else 0.0,
         warnings=tuple(warnings), modules=tuple(rows),
     )
-
-
-# --- helpers shared with merge: scale, factor layout, pattern keys, writing -----------------
-
-
-def lora_scale(alpha: float, r: int, use_rslora: bool) -> float:
-    """PEFT's scaling at rank r: alpha / r, or alpha / √r with rsLoRA."""
-    return alpha / math.sqrt(r) if use_rslora else alpha / r
-
-
-def split_factors(
-    u: np.ndarray, sigma: np.ndarray, vt: np.ndarray, scale: float
-) -> tuple[np.ndarray, np.ndarray]:
-    """(A, B) with scale · B · A = U diag(σ) Vt, √(σ/|scale|) on each side (sign on B)."""
-    if scale == 0.0:
-        if np.any(sigma > 0):
-            raise UsageError("lora_alpha is 0: a nonzero update cannot be written at scale 0")
-        return np.zeros_like(vt), np.zeros_like(u)
-    root = np.sqrt(sigma / abs(scale))
-    return root[:, None] * vt, u * (root * math.copysign(1.0, scale))
-
-
-def to_stored(
-    kind: str, a: np.ndarray, b: np.ndarray, like_a: tuple[int, ...], like_b: tuple[int, ...],
-    dtype_a: Any, dtype_b: Any,
-) -> tuple[np.ndarray, np.ndarray]:
-    """(A: (k, in), B: (out, k)) in the layout PEFT saves for `kind`, cast to the stored dtypes.
-
-    `like_a` / `like_b` are the stored shapes of a module of the same kind (any rank).
-    """
-    k = a.shape[0]
-    if kind == "embedding":  # lora_embedding_A: (k, num_embeddings), lora_embedding_B: (dim, k)
-        sa, sb = b.T, a.T
-    elif kind == "conv":  # lora_A (k, in, *kernel), lora_B (out, k, *ones)
-        sa, sb = a.reshape(k, *like_a[1:]), b.reshape(like_b[0], k, *like_b[2:])
-    else:
-        sa, sb = a, b
-    return np.ascontiguousarray(sa.astype(dtype_a)), np.ascontiguousarray(sb.astype(dtype_b))
-
-
-def from_stored(kind: str, sa: np.ndarray, sb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Inverse of `to_stored`, in float64: (A: (k, in), B: (out, k))."""
-    a, b = np.asarray(sa, dtype=np.float64), np.asarray(sb, dtype=np.float64)
-    if kind == "embedding":
-        return b.T, a.T
-    return a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1)
-
-
-def factored_distance(a1: np.ndarray, b1: np.ndarray, a2: np.ndarray, b2: np.ndarray) -> float:
-    """‖B₁A₁ − B₂A₂‖_F through the QR core of [B₁ | −B₂] · [A₁; A₂], never out×in.
-
-    Unlike ‖X‖² + ‖Y‖² − 2⟨X, Y⟩ this does not cancel catastrophically when X ≈ Y.
-    """
-    a = np.concatenate([np.asarray(a1, np.float64), np.asarray(a2, np.float64)], axis=0)
-    b = np.concatenate([np.asarray(b1, np.float64), -np.asarray(b2, np.float64)], axis=1)
-    return float(np.linalg.norm(core_singular_values(a, b)))
-
-
-def module_keys(adapter: Adapter) -> dict[str, tuple[str, str]]:
-    """Module path -> (stored lora_A key, stored lora_B key), from the one key parser."""
-    found: dict[str, dict[str, str]] = {}
-    for info in adapter.file:
-        parsed = parse_lora_key(info.name)
-        if parsed is not None and parsed[1] != "lora_magnitude_vector":
-            found.setdefault(parsed[0], {})[parsed[1][-1]] = info.name
-    return {m: (d["A"], d["B"]) for m, d in found.items() if "A" in d and "B" in d}
-
-
-def global_rank(ranks: Mapping[str, int]) -> int:
-    """The most common rank (the larger on a tie): the `r` that needs the fewest pattern keys."""
-    counts = Counter(ranks.values())
-    return max(counts, key=lambda k: (counts[k], k))
-
-
-def exact_pattern_keys(values: Mapping[str, V], modules: Sequence[str]) -> dict[str, V]:
-    """rank_pattern / alpha_pattern entries keyed so that each matches exactly its module.
-
-    PEFT treats keys as regexes matched at the end of the module path; a plain path is used
-    when it matches only its own module, else its `re.escape`d form, else one anchored with
-    `^`. Each key matching one module makes the first-match-wins order irrelevant.
-    """
-    out: dict[str, V] = {}
-    for name, value in values.items():
-        for key in (name, re.escape(name), "^" + re.escape(name)):
-            hits = [m for m in modules if pattern_key([key], m) is not None]
-            if hits == [name]:
-                out[key] = value
-                break
-        else:
-            raise AdapterError(f"module {name}: no rank_pattern/alpha_pattern key matches it alone")
-    return out
-
-
-def prepare_out_dir(out_dir: str | Path, inputs: Sequence[str | Path], force: bool) -> Path:
-    """Check that `out_dir` may receive an adapter; nothing is written yet."""
-    out = Path(out_dir)
-    for d in inputs:
-        if Path(d).exists() and out.resolve() == Path(d).resolve():
-            raise UsageError(f"{out}: is an input adapter directory; choose another --out-dir")
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"{out}: exists and is not a directory")
-    existing = [n for n in (CONFIG_NAME, *WEIGHT_NAMES) if (out / n).exists()]
-    if existing and not force:
-        raise UsageError(f"{out}: already holds an adapter ({existing[0]}); pass --force to overwrite it")
-    return out
-
-
-def save_adapter(out: Path, config: Mapping[str, Any], tensors: Mapping[str, np.ndarray]) -> None:
-    """Write adapter_model.safetensors then adapter_config.json, each via a temp file + os.replace."""
-    out.mkdir(parents=True, exist_ok=True)
-    write_safetensors(out / WEIGHT_NAMES[0], tensors)
-    _replace_atomic(out / CONFIG_NAME, (json.dumps(dict(config), indent=2) + "\n").encode("utf-8"))
-    stale = out / WEIGHT_NAMES[1]
-    if stale.exists():  # PEFT would ignore it, but a reader of the folder might not
-        stale.unlink()
-
-
-def write_safetensors(path: Path, tensors: Mapping[str, np.ndarray]) -> None:
-    """A safetensors file (bf16 included, which safetensors.numpy cannot write).
-
-    Tensors are laid out by descending item size after an 8-byte-padded header, so every
-    tensor starts aligned to its own item size.
-    """
-    arrays = {n: np.ascontiguousarray(t) for n, t in tensors.items()}
-    order = sorted(arrays, key=lambda n: (-arrays[n].dtype.itemsize, n))
-    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
-    offset = 0
-    for name in order:
-        t = arrays[name]
-        if t.dtype not in _ST_NAMES:
-            raise UsageError(f"{path}: tensor {name!r} has dtype {t.dtype}, which safetensors cannot hold")
-        header[name] = {"dtype": _ST_NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + t.nbytes]}
-        offset += t.nbytes
-    head = json.dumps(header, separators=(",", ":")).encode("utf-8")
-    head += b" " * (-len(head) % 8)
-    chunks = [struct.pack("<Q", len(head)), head, *(arrays[n].tobytes() for n in order)]
-    _replace_atomic(path, b"".join(chunks))
-
-
-def _replace_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()

@@ -13,9 +13,10 @@ import json
 import os
 import re
 import struct
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import ml_dtypes
@@ -38,6 +39,21 @@ _DTYPES: dict[str, Any] = {
     "BOOL": np.bool_,
 }
 _MAX_HEADER = 100 * 1024 * 1024  # the format's own limit
+
+
+def safetensors_dtypes() -> Mapping[str, np.dtype[Any]]:
+    """The dtypes this reader understands: safetensors name (`"BF16"`) -> numpy dtype (read-only)."""
+    return MappingProxyType({name: np.dtype(t) for name, t in _DTYPES.items()})
+
+
+def safetensors_dtype_names() -> Mapping[np.dtype[Any], str]:
+    """The inverse table, for writers: numpy dtype -> safetensors name (read-only).
+
+    Example:
+        >>> safetensors_dtype_names()[np.dtype(np.float32)]
+        'F32'
+    """
+    return MappingProxyType({np.dtype(t): name for name, t in _DTYPES.items()})
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,193 @@
+"""Writing LoRA adapters: factor layout, scale, pattern keys and atomic safetensors files.
+
+The helpers `compress` and `merge` share to turn re-factored updates into a PEFT adapter
+folder that `PeftModel.from_pretrained` loads: PEFT's scale at a new rank, the split of an
+SVD between A and B, the stored layout of each layer kind, `rank_pattern` keys that match
+exactly one module, and an atomic writer (safetensors with bf16, which safetensors.numpy
+cannot write).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import re
+import struct
+from collections import Counter
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any, BinaryIO, TypeVar
+
+import numpy as np
+
+from gradience.adapter import CONFIG_NAME, WEIGHT_NAMES, Adapter, parse_lora_key, pattern_key
+from gradience.errors import AdapterError, UsageError
+from gradience.spectrum import core_singular_values
+from gradience.tensorfile import safetensors_dtype_names
+
+V = TypeVar("V")
+
+
+def lora_scale(alpha: float, r: int, use_rslora: bool) -> float:
+    """PEFT's scaling at rank r: alpha / r, or alpha / √r with rsLoRA."""
+    return alpha / math.sqrt(r) if use_rslora else alpha / r
+
+
+def split_factors(
+    u: np.ndarray, sigma: np.ndarray, vt: np.ndarray, scale: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """(A, B) with scale · B · A = U diag(σ) Vt, √(σ/|scale|) on each side (sign on B)."""
+    if scale == 0.0:
+        if np.any(sigma > 0):
+            raise UsageError("lora_alpha is 0: a nonzero update cannot be written at scale 0")
+        return np.zeros_like(vt), np.zeros_like(u)
+    root = np.sqrt(sigma / abs(scale))
+    return root[:, None] * vt, u * (root * math.copysign(1.0, scale))
+
+
+def to_stored(
+    kind: str, a: np.ndarray, b: np.ndarray, like_a: tuple[int, ...], like_b: tuple[int, ...],
+    dtype_a: Any, dtype_b: Any,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(A: (k, in), B: (out, k)) in the layout PEFT saves for `kind`, cast to the stored dtypes.
+
+    `like_a` / `like_b` are the stored shapes of a module of the same kind (any rank).
+    """
+    k = a.shape[0]
+    if kind == "embedding":  # lora_embedding_A: (k, num_embeddings), lora_embedding_B: (dim, k)
+        sa, sb = b.T, a.T
+    elif kind == "conv":  # lora_A (k, in, *kernel), lora_B (out, k, *ones)
+        sa, sb = a.reshape(k, *like_a[1:]), b.reshape(like_b[0], k, *like_b[2:])
+    else:
+        sa, sb = a, b
+    return np.ascontiguousarray(sa.astype(dtype_a)), np.ascontiguousarray(sb.astype(dtype_b))
+
+
+def from_stored(kind: str, sa: np.ndarray, sb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Inverse of `to_stored`, in float64: (A: (k, in), B: (out, k))."""
+    a, b = np.asarray(sa, dtype=np.float64), np.asarray(sb, dtype=np.float64)
+    if kind == "embedding":
+        return b.T, a.T
+    return a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1)
+
+
+def factored_distance(a1: np.ndarray, b1: np.ndarray, a2: np.ndarray, b2: np.ndarray) -> float:
+    """‖B₁A₁ − B₂A₂‖_F through the QR core of [B₁ | −B₂] · [A₁; A₂], never out×in.
+
+    Unlike ‖X‖² + ‖Y‖² − 2⟨X, Y⟩ this does not cancel catastrophically when X ≈ Y.
+    """
+    a = np.concatenate([np.asarray(a1, np.float64), np.asarray(a2, np.float64)], axis=0)
+    b = np.concatenate([np.asarray(b1, np.float64), -np.asarray(b2, np.float64)], axis=1)
+    return float(np.linalg.norm(core_singular_values(a, b)))
+
+
+def module_keys(adapter: Adapter) -> dict[str, tuple[str, str]]:
+    """Module path -> (stored lora_A key, stored lora_B key), from the one key parser."""
+    found: dict[str, dict[str, str]] = {}
+    for info in adapter.file:
+        parsed = parse_lora_key(info.name)
+        if parsed is not None and parsed[1] != "lora_magnitude_vector":
+            found.setdefault(parsed[0], {})[parsed[1][-1]] = info.name
+    return {m: (d["A"], d["B"]) for m, d in found.items() if "A" in d and "B" in d}
+
+
+def global_rank(ranks: Mapping[str, int]) -> int:
+    """The most common rank (the larger on a tie): the `r` that needs the fewest pattern keys."""
+    counts = Counter(ranks.values())
+    return max(counts, key=lambda k: (counts[k], k))
+
+
+def exact_pattern_keys(values: Mapping[str, V], modules: Sequence[str]) -> dict[str, V]:
+    """rank_pattern / alpha_pattern entries keyed so that each matches exactly its module.
+
+    PEFT treats keys as regexes matched at the end of the module path; a plain path is used
+    when it matches only its own module, else its `re.escape`d form, else one anchored with
+    `^`. Each key matching one module makes the first-match-wins order irrelevant.
+    """
+    out: dict[str, V] = {}
+    for name, value in values.items():
+        for key in (name, re.escape(name), "^" + re.escape(name)):
+            hits = [m for m in modules if pattern_key([key], m) is not None]
+            if hits == [name]:
+                out[key] = value
+                break
+        else:
+            raise AdapterError(f"module {name}: no rank_pattern/alpha_pattern key matches it alone")
+    return out
+
+
+def prepare_out_dir(out_dir: str | Path, inputs: Sequence[str | Path], force: bool) -> Path:
+    """Check that `out_dir` may receive an adapter; nothing is written yet."""
+    out = Path(out_dir)
+    for d in inputs:
+        if Path(d).exists() and out.resolve() == Path(d).resolve():
+            raise UsageError(f"{out}: is an input adapter directory; choose another --out-dir")
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"{out}: exists and is not a directory")
+    existing = [n for n in (CONFIG_NAME, *WEIGHT_NAMES) if (out / n).exists()]
+    if existing and not force:
+        raise UsageError(f"{out}: already holds an adapter ({existing[0]}); pass --force to overwrite it")
+    return out
+
+
+def save_adapter(out: Path, config: Mapping[str, Any], tensors: Mapping[str, np.ndarray]) -> None:
+    """Write adapter_model.safetensors then adapter_config.json, each via a temp file + os.replace."""
+    out.mkdir(parents=True, exist_ok=True)
+    write_safetensors(out / WEIGHT_NAMES[0], tensors)
+    replace_atomic(out / CONFIG_NAME, (json.dumps(dict(config), indent=2) + "\n").encode("utf-8"))
+    stale = out / WEIGHT_NAMES[1]
+    if stale.exists():  # PEFT would ignore it, but a reader of the folder might not
+        stale.unlink()
+
+
+def write_safetensors(path: Path, tensors: Mapping[str, np.ndarray]) -> None:
+    """A safetensors file (bf16 included, which safetensors.numpy cannot write).
+
+    Tensors are laid out by descending item size after an 8-byte-padded header, so every
+    tensor starts aligned to its own item size. Each tensor's bytes are written straight
+    from its array: no second copy of the file is built in memory.
+    """
+    names = safetensors_dtype_names()
+    arrays = {n: np.ascontiguousarray(t) for n, t in tensors.items()}
+    order = sorted(arrays, key=lambda n: (-arrays[n].dtype.itemsize, n))
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name in order:
+        t = arrays[name]
+        if t.dtype not in names:
+            raise UsageError(f"{path}: tensor {name!r} has dtype {t.dtype}, which safetensors cannot hold")
+        header[name] = {"dtype": names[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + t.nbytes]}
+        offset += t.nbytes
+    head = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    head += b" " * (-len(head) % 8)
+    with atomic_open(path) as fh:
+        fh.write(struct.pack("<Q", len(head)))
+        fh.write(head)
+        for n in order:
+            fh.write(arrays[n].reshape(-1).view(np.uint8).data)
+
+
+def replace_atomic(path: Path, data: bytes) -> None:
+    """Write `data` to `path` so that a reader sees the old file or the new one, never a part."""
+    with atomic_open(path) as fh:
+        fh.write(data)
+
+
+@contextlib.contextmanager
+def atomic_open(path: Path) -> Iterator[BinaryIO]:
+    """A binary file handle on a temp file beside `path`, fsynced and moved onto it on success.
+
+    On an exception the temp file is removed and `path` is left as it was.
+    """
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as fh:
+            yield fh
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
