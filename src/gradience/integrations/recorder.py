@@ -184,16 +184,21 @@ class Recorder:
 
         Collective under sharded training: every rank must call it at the same step.
         """
-        if self.model is None or self.last_snapshot_step == step or self._errors >= _MAX_INTERNAL_ERRORS:
+        if self.model is None or self.last_snapshot_step == step:
             return None
-        from gradience.integrations.snapshot import take_snapshot
+        from gradience.integrations.snapshot import any_rank, take_snapshot
 
+        # Only rank 0 computes, so only it sees some failures; if it alone skipped a gather
+        # the others joined, they would hang. So the step is spent even when the snapshot
+        # fails, and under sharding the ranks agree on whether snapshots are disabled.
+        self.last_snapshot_step = step
+        if any_rank(self._errors >= _MAX_INTERNAL_ERRORS, self.model):
+            return None
         try:
             snap = take_snapshot(self.model, compute=self.is_writer)
         except Exception as exc:
             self._internal_error(f"structural snapshot failed at step {step}", exc, step=step)
             return None
-        self.last_snapshot_step = step
         if snap is None or not snap.modules:
             return None
         self.last_structural = snap.metrics

@@ -51,8 +51,14 @@ class Snapshot:
     n_modules: int
 
 
+# Path components that wrappers insert (FSDP1, activation checkpointing, torch.compile, DDP).
+_WRAPPER_PARTS = frozenset({"_fsdp_wrapped_module", "_checkpoint_wrapped_module", "_orig_mod"})
+
+
 def _canonical(name: str) -> str:
-    return name.removeprefix(SAVED_PREFIX).removeprefix("module.")
+    """The module path as the saved adapter names it, whatever wraps the model."""
+    name = ".".join(p for p in name.split(".") if p not in _WRAPPER_PARTS)
+    return name.removeprefix("module.").removeprefix(SAVED_PREFIX)
 
 
 def _full(t: Any) -> Any:
@@ -97,11 +103,15 @@ def gathered(model: Any) -> Iterator[None]:
     """Make sharded LoRA factors whole for the duration; collective, so call on every rank."""
     import torch
 
-    fsdp = _fsdp_root(model)
-    if fsdp is not None:
+    units = _fsdp_outermost(model)
+    if units:
         from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
-        with FSDP.summon_full_params(fsdp, writeback=False, recurse=True):
+        # The Trainer hands callbacks the unwrapped model: its layers are FSDP units but the
+        # root is outside it, so summon each outermost unit, not just the first one found.
+        with contextlib.ExitStack() as stack:
+            for unit in units:
+                stack.enter_context(FSDP.summon_full_params(unit, writeback=False, recurse=True))
             yield
         return
     zero3 = [p for n, p in model.named_parameters() if "lora_" in n and hasattr(p, "ds_id")]
@@ -115,15 +125,62 @@ def gathered(model: Any) -> Iterator[None]:
         yield
 
 
-def _fsdp_root(model: Any) -> Any:
+def _fsdp_outermost(model: Any) -> list[Any]:
+    """FSDP1 units of `model` not nested in another unit (the model itself when it is one)."""
     try:
         from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
     except ImportError:  # pragma: no cover - torch builds without distributed
-        return None
-    for module in model.modules():
-        if isinstance(module, FSDP):
-            return module
-    return None
+        return []
+    units: list[tuple[str, Any]] = []
+    for name, module in model.named_modules():  # pre-order: an ancestor comes first
+        if isinstance(module, FSDP) and not any(_inside(name, outer) for outer, _ in units):
+            units.append((name, module))
+    return [module for _, module in units]
+
+
+def _inside(name: str, outer: str) -> bool:
+    return outer == "" or name.startswith(outer + ".")
+
+
+def is_sharded(model: Any) -> bool:
+    """True when making the LoRA factors whole needs every rank (FSDP, DTensor, ZeRO-3)."""
+    if _fsdp_outermost(model):
+        return True
+    return any(
+        hasattr(p, "ds_id") or callable(getattr(p, "full_tensor", None))
+        for n, p in model.named_parameters()
+        if "lora_" in n
+    )
+
+
+def any_rank(flag: bool, model: Any) -> bool:
+    """`flag` OR-ed over all ranks when `model` is sharded (a collective then), else `flag`.
+
+    Why: a snapshot of a sharded model is collective, so skipping one must be decided
+    alike on every rank. Unsharded models need no agreement, and no collective is run.
+    """
+    import torch
+
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+        return flag
+    if not is_sharded(model):
+        return flag
+    votes = torch.tensor([1 if flag else 0], dtype=torch.int32, device=_collective_device())
+    dist.all_reduce(votes, op=dist.ReduceOp.MAX)
+    return bool(votes.item())
+
+
+def _collective_device() -> Any:
+    import torch
+
+    if "gloo" in str(torch.distributed.get_backend()):
+        return torch.device("cpu")
+    accelerator = getattr(torch, "accelerator", None)  # torch >= 2.6
+    if accelerator is not None and accelerator.current_accelerator() is not None:
+        kind = accelerator.current_accelerator().type
+        return torch.device(kind, accelerator.current_device_index())
+    return torch.device("cuda", torch.cuda.current_device())
 
 
 def structural_metrics(modules: list[LiveModule]) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
