@@ -1,0 +1,103 @@
+"""Reading what `gradience check` judges: the training-arguments snapshot and the model config.
+
+Both are JSON a user may have edited by hand, so every field is read defensively: a missing
+or non-numeric value becomes None and the rule that needs it says it was skipped.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from gradience.check_profiles import ModelInfo
+from gradience.errors import UsageError
+
+TRAINING_ARGS_NAME = "training_args.json"  # `TrainingArguments.to_dict()` as JSON
+TRAINER_STATE_NAME = "trainer_state.json"  # a Trainer checkpoint's state: holds the run's max_steps
+MODEL_CONFIG_NAME = "config.json"
+
+
+@dataclass(frozen=True)
+class TrainingSnapshot:
+    """The training arguments the rules use; None where the snapshot lacks a key."""
+
+    path: str
+    learning_rate: float | None = None
+    per_device_train_batch_size: int | None = None
+    gradient_accumulation_steps: int | None = None
+    world_size: int | None = None  # not in `TrainingArguments.to_dict()`; add it to the JSON when > 1
+    effective_batch_size: int | None = None  # per device × accumulation × world size (1 when unknown)
+    num_train_epochs: float | None = None
+    max_steps: int | None = None
+    total_steps: int | None = None  # max_steps when > 0, else the trainer state's, else unknown
+    warmup_ratio: float | None = None
+    warmup_steps: int | None = None
+    weight_decay: float | None = None
+    lr_scheduler_type: str | None = None
+
+
+def locate_file(path: Path, name: str, what: str) -> Path:
+    if path.is_file():
+        return path
+    if not path.is_dir():
+        raise UsageError(f"{path}: not found (pass the folder that holds {name}, or the file)")
+    if (path / name).is_file():
+        return path / name
+    hint = ""
+    if (path / "training_args.bin").is_file():
+        hint = "; training_args.bin is a torch pickle: save `TrainingArguments.to_dict()` as training_args.json"
+    raise UsageError(f"{path}: no {what} (looked for {name}){hint}")
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UsageError(f"{path}: cannot read as JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise UsageError(f"{path}: expected a JSON object")
+    return data
+
+
+def finite_number(value: Any, kind: type = float) -> Any:
+    """`value` as `kind` when it is a finite number (not a bool or a string), else None."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return None
+    return kind(value)
+
+
+def load_training_args(training_dir: str | Path) -> TrainingSnapshot:
+    """Read a `TrainingArguments.to_dict()` snapshot; absent or non-numeric keys become None."""
+    path = locate_file(Path(training_dir), TRAINING_ARGS_NAME, "training arguments snapshot")
+    args = _read_json(path)
+    ints = {k: finite_number(args.get(k), int) for k in (
+        "per_device_train_batch_size", "gradient_accumulation_steps", "world_size", "max_steps", "warmup_steps")}
+    total = ints["max_steps"] if (ints["max_steps"] or 0) > 0 else None
+    if total is None and (path.parent / TRAINER_STATE_NAME).is_file():
+        total = finite_number(_read_json(path.parent / TRAINER_STATE_NAME).get("max_steps"), int)
+    per_device = ints["per_device_train_batch_size"]
+    batch = per_device * (ints["gradient_accumulation_steps"] or 1) * (ints["world_size"] or 1) if per_device else None
+    scheduler = args.get("lr_scheduler_type")
+    return TrainingSnapshot(
+        path=str(path), learning_rate=finite_number(args.get("learning_rate")), effective_batch_size=batch,
+        num_train_epochs=finite_number(args.get("num_train_epochs")), total_steps=total,
+        warmup_ratio=finite_number(args.get("warmup_ratio")), weight_decay=finite_number(args.get("weight_decay")),
+        lr_scheduler_type=scheduler if isinstance(scheduler, str) else None, **ints,
+    )
+
+
+def load_model_config(model_config: str | Path | None, search: list[str | Path]) -> ModelInfo | None:
+    """The model's module naming from `model_config`, else a `config.json` in `search`, else None."""
+    candidates = [Path(d) / MODEL_CONFIG_NAME for d in search if Path(d).is_dir()]
+    if model_config is not None:
+        given = Path(model_config)
+        candidates = [given / MODEL_CONFIG_NAME if given.is_dir() else given]
+        if not candidates[0].is_file():
+            raise UsageError(f"{candidates[0]}: model config not found")
+    path = next((p for p in candidates if p.is_file()), None)
+    if path is None:
+        return None
+    return ModelInfo.from_config(str(path), _read_json(path))
