@@ -10,7 +10,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gradience.spectrum import core_singular_values, core_svd, energy_rank, spectrum_metrics
+from gradience.spectrum import (
+    core_singular_values,
+    core_svd,
+    energy_rank,
+    gram_singular_values,
+    spectrum_metrics,
+)
 from tests.factories import expected_metrics, factors
 
 REL = 1e-6
@@ -56,6 +62,30 @@ def test_torch_tensors_take_the_same_path() -> None:
     assert isinstance(got, torch.Tensor) and got.dtype == torch.float64
     # float32 inputs: agreement to float32 precision of sigma_max
     np.testing.assert_allclose(got.numpy(), core_singular_values(a, b, 0.5), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize(("out_features", "in_features", "r"), [(4096, 4096, 32), (1024, 4096, 32), (64, 512, 16)])
+def test_gram_route_keeps_every_structural_metric_to_six_digits(out_features: int, in_features: int, r: int) -> None:
+    # The live snapshot's route, in float32 on the CPU as in training, against the closed form.
+    torch = pytest.importorskip("torch")
+    sigma = np.logspace(0, -8, min(r, in_features)) * 3.7
+    a, b = factors(out_features, in_features, sigma, r, scale=2.0, seed=r)
+    stacked = [torch.from_numpy(np.stack([x, x])).float() for x in (a, b)]
+    got = gram_singular_values(*stacked, scale=2.0)
+    assert got.dtype == np.float64 and got.shape == (2, len(sigma))
+    # absolute precision in sigma squared (~float32 rounding of sigma_max squared), not in sigma
+    np.testing.assert_allclose(got[0] ** 2, sigma**2, rtol=0, atol=1e-6 * sigma[0] ** 2)
+    metrics = spectrum_metrics(got[1], r, (out_features, in_features)).to_dict()
+    for key in ("frobenius_norm", "sigma_max", "stable_rank", "utilization", "energy_rank_90"):
+        assert metrics[key] == pytest.approx(expected_metrics(sigma, r, (out_features, in_features))[key], rel=1e-6)
+
+
+def test_gram_route_in_numpy_and_on_a_zero_or_rank_deficient_update() -> None:
+    a, b = factors(50, 40, [2.0, 1.0], 6, 1.0, seed=4)  # rank 2 of 6: G_B is singular
+    np.testing.assert_allclose(gram_singular_values(a, b) ** 2, core_singular_values(a, b) ** 2, rtol=0, atol=1e-14)
+    assert not gram_singular_values(np.zeros((4, 9)), np.zeros((7, 4))).any()
+    with pytest.raises(ValueError, match="rank mismatch"):
+        gram_singular_values(np.zeros((4, 9)), np.zeros((7, 3)))
 
 
 def test_rank_mismatch_is_a_value_error() -> None:

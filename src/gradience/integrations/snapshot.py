@@ -1,10 +1,12 @@
 """Structural snapshots of live LoRA weights, on the device they train on.
 
-A snapshot finds every PEFT LoRA layer of a model, stacks the factors of modules with equal
-shapes, and runs the one QR core of `gradience.spectrum` on each stack: a few batched
-(out×r) QRs instead of one per module, and nothing of size out×in. Only the r singular
-values per module leave the device; the metrics come from `spectrum_metrics`, so a live
-snapshot and an offline audit of the saved adapter agree.
+A snapshot finds every PEFT LoRA layer of a model and takes two r×r Gram products per module
+on the module's device (`gradience.spectrum.gram_matrices`): nothing of size out×in is
+formed, and only the Grams leave the device, for batched r×r eigen-solves on the host. The
+metrics come from `spectrum_metrics`, so a live snapshot and an offline audit of the saved
+adapter agree to ~6 significant digits (the audit's Householder-QR route also resolves
+singular values far below σ_max, which no structural metric depends on, at several times
+the cost).
 
 Sharded training: the factors must be whole to have a spectrum. `gathered()` makes them
 whole collectively (FSDP `summon_full_params`, DeepSpeed ZeRO-3 `GatheredParameters`,
@@ -25,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from gradience.adapter import SAVED_PREFIX
-from gradience.spectrum import core_singular_values, spectrum_metrics
+from gradience.spectrum import gram_matrices, singular_values_from_grams, spectrum_metrics
 
 STRUCTURAL_KEYS = ("frobenius_norm", "sigma_max", "stable_rank", "energy_rank_90", "utilization")
 
@@ -153,18 +155,20 @@ def is_sharded(model: Any) -> bool:
     )
 
 
-def any_rank(flag: bool, model: Any) -> bool:
+def any_rank(flag: bool, model: Any, *, always: bool = False) -> bool:
     """`flag` OR-ed over all ranks when `model` is sharded (a collective then), else `flag`.
 
     Why: a snapshot of a sharded model is collective, so skipping one must be decided
     alike on every rank. Unsharded models need no agreement, and no collective is run.
+    `always`: agree under any multi-rank run (a Trainer eval is collective even under DDP,
+    and only rank 0 sees the snapshots that trigger one).
     """
     import torch
 
     dist = torch.distributed
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
         return flag
-    if not is_sharded(model):
+    if not always and not is_sharded(model):
         return flag
     votes = torch.tensor([1 if flag else 0], dtype=torch.int32, device=_collective_device())
     dist.all_reduce(votes, op=dist.ReduceOp.MAX)
@@ -184,25 +188,40 @@ def _collective_device() -> Any:
 
 
 def structural_metrics(modules: list[LiveModule]) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
-    """Aggregate and per-module metrics; modules of equal shape share one batched QR call."""
+    """Aggregate and per-module metrics from the modules' r×r Gram matrices.
+
+    The Gram products run on the weights' device, one pair per module (no stacked copies of
+    the factors); only the small Grams cross to the host, where modules of equal rank share
+    one batched eigen-solve. A module with NaN/Inf weights (or a Gram that overflows) is
+    reported as NaN without touching the others.
+    """
     import torch
 
-    groups: dict[tuple[Any, ...], list[LiveModule]] = defaultdict(list)
-    for m in modules:
-        groups[(tuple(m.lora_A.shape), tuple(m.lora_B.shape), m.lora_A.device)].append(m)
-    per_module: dict[str, dict[str, float]] = {}
     with torch.no_grad():
-        for group in groups.values():
-            a = torch.stack([m.lora_A for m in group])
-            b = torch.stack([m.lora_B for m in group])
-            # A diverged module must not poison its batch: zero it for the QR, report NaN.
-            finite = torch.isfinite(a).flatten(1).all(1) & torch.isfinite(b).flatten(1).all(1)
-            if not bool(finite.all()):
-                keep = finite.view(-1, 1, 1)
-                a, b = torch.where(keep, a, 0.0), torch.where(keep, b, 0.0)
-            sigma = core_singular_values(a, b).cpu().numpy()  # (n, k): the only device->host copy
-            for m, s, ok in zip(group, sigma, finite.tolist(), strict=True):
-                per_module[m.name] = _module_metrics(s * abs(m.scale) if ok else s * np.nan, m)
+        grams = [gram_matrices(m.lora_A, m.lora_B) for m in modules]
+        by_device: dict[Any, list[int]] = defaultdict(list)
+        for i, (g_a, _) in enumerate(grams):
+            by_device[g_a.device].append(i)
+        host: list[tuple[np.ndarray, np.ndarray]] = [None] * len(modules)  # type: ignore[list-item]
+        for idx in by_device.values():  # one device->host copy per device
+            stacked = torch.stack([torch.cat([grams[i][0], grams[i][1]]).double() for i in idx]).cpu().numpy()
+            for i, both in zip(idx, stacked, strict=True):
+                r = both.shape[-1]
+                host[i] = (both[:r], both[r:])
+    by_rank: dict[int, list[int]] = defaultdict(list)
+    for i, (g_a, _) in enumerate(host):
+        by_rank[g_a.shape[-1]].append(i)
+    per_module: dict[str, dict[str, float]] = {}
+    for idx in by_rank.values():
+        g_a = np.stack([host[i][0] for i in idx])
+        g_b = np.stack([host[i][1] for i in idx])
+        finite = np.isfinite(g_a).all(axis=(1, 2)) & np.isfinite(g_b).all(axis=(1, 2))
+        g_a[~finite], g_b[~finite] = 0.0, 0.0
+        sigma = singular_values_from_grams(g_a, g_b, k=g_a.shape[-1])
+        for i, s, ok in zip(idx, sigma, finite, strict=True):
+            m = modules[i]
+            k = min(m.r, int(m.lora_A.shape[1]), int(m.lora_B.shape[0]))
+            per_module[m.name] = _module_metrics(s[:k] * abs(m.scale) if ok else s[:k] * np.nan, m)
     ordered = {m.name: per_module[m.name] for m in modules}
     return aggregate(ordered), ordered
 
