@@ -13,13 +13,13 @@ from typing import Any
 import pytest
 
 from gradience.errors import TelemetryError, UsageError
-from gradience.monitor import (
+from gradience.monitor import monitor
+from gradience.monitor_report import (
     GAP_THRESHOLD,
     MAX_KEPT,
     STRUCTURAL_KEYS,
     UTILIZATION_THRESHOLD,
     MonitorReport,
-    monitor,
     trend,
 )
 from gradience.telemetry import RunWriter, append_record_atomic

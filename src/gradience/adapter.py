@@ -5,8 +5,9 @@ folder): settings from `adapter_config.json`, per-module r / alpha from `rank_pa
 `alpha_pattern` (PEFT's matching rule), rsLoRA, `fan_in_fan_out`, embedding LoRA, DoRA,
 adapter-name infixes. `kohya` (one safetensors file from kohya-ss or diffusers):
 `<prefix>.lora_down.weight` (r, in[, kh, kw]), `<prefix>.lora_up.weight` (out, r[, 1, 1]),
-an optional scalar `<prefix>.alpha` (diffusers' `.lora.down`, `_lora.down` and config-less
-`lora_A` spellings too); settings from the file itself: scale = alpha / r, alpha = r if absent.
+an optional scalar `<prefix>.alpha` (diffusers' `.lora.down`, `_lora.down`,
+`.lora_linear_layer.down` and config-less `lora_A` spellings too); settings from the file
+itself: scale = alpha / r, alpha = r if absent.
 Weights are read lazily, one module at a time, so memory does not grow with the adapter.
 """
 from __future__ import annotations
@@ -40,8 +41,11 @@ _FOREIGN_PARTS = {
 _KEY_RE = re.compile(r"^(?P<module>.+?)\.(?P<part>" + "|".join(LORA_PARTS) + r")(?P<rest>(\.[^.]+)*)$")
 FORMATS = ("peft", "kohya")
 # kohya / diffusers single files; every spelling maps to PEFT's part names (down = A, up = B).
-_KOHYA_RE = re.compile(r"^(?P<module>.+?)(?:(?P<part>[._]lora[._](?:down|up)|\.lora_[AB])\.weight|\.(?P<alpha>alpha))$")
-_KOHYA_SPECIFIC = re.compile(r"\.lora_(?:down|up)\.|[._]lora\.(?:down|up)\.")
+_KOHYA_RE = re.compile(
+    r"^(?P<module>.+?)(?:(?P<part>[._]lora[._](?:down|up)|\.lora_linear_layer\.(?:down|up)|\.lora_[AB])\.weight"
+    r"|\.(?P<alpha>alpha))$"
+)
+_KOHYA_SPECIFIC = re.compile(r"\.lora_(?:down|up)\.|[._]lora\.(?:down|up)\.|\.lora_linear_layer\.(?:down|up)\.")
 _PART_LABELS = {"peft": ("lora_A", "lora_B"), "kohya": ("lora_down", "lora_up")}
 
 
@@ -136,10 +140,15 @@ class LoraSettings:
                 target_modules=cfg.get("target_modules"), base_model_name_or_path=cfg.get("base_model_name_or_path"),
                 task_type=cfg.get("task_type"), peft_type=peft_type, raw=dict(cfg),
             )
-        except (TypeError, ValueError, AttributeError) as exc:
+        except (TypeError, ValueError, AttributeError, OverflowError) as exc:  # e.g. r: Infinity
             raise AdapterError(f"{source}: invalid LoRA setting ({exc})") from None
         if settings.r <= 0:
             raise AdapterError(f"{source}: `r` must be a positive integer, got {settings.r}")
+        alphas = [("lora_alpha", settings.lora_alpha)]
+        alphas += [(f"alpha_pattern[{k!r}]", v) for k, v in settings.alpha_pattern.items()]
+        for label, alpha in alphas:  # NaN / Infinity parse as JSON here; PEFT would scale by them
+            if not math.isfinite(alpha):
+                raise AdapterError(f"{source}: `{label}` must be a finite number, got {alpha}")
         return settings
 
     def rank_for(self, module: str) -> int:
@@ -223,7 +232,9 @@ def load_settings(path: Path) -> LoraSettings:
         cfg = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise UsageError(f"{path}: adapter config not found") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except RecursionError:
+        raise AdapterError(f"{path}: invalid JSON (nested too deep)") from None
+    except ValueError as exc:  # bad UTF-8, bad JSON, an integer of thousands of digits
         raise AdapterError(f"{path}: invalid JSON ({exc})") from None
     if not isinstance(cfg, dict):
         raise AdapterError(f"{path}: expected a JSON object")
@@ -271,7 +282,10 @@ class Adapter:
         if not d.exists():
             raise UsageError(f"{d}: directory not found")
         if not d.is_dir():
-            raise UsageError(f"{d}: not a directory (pass the folder that holds {CONFIG_NAME})")
+            raise UsageError(
+                f"{d}: not a directory (pass the folder that holds {CONFIG_NAME}, "
+                "or a single-file kohya/diffusers LoRA as --weights FILE without --peft-dir)"
+            )
         config_path = Path(adapter_config) if adapter_config else _find_config(d)
         weights_path = Path(weights) if weights else _find_weights(d)
         return cls(config_path, weights_path, load_settings(config_path))
@@ -371,7 +385,9 @@ class Adapter:
             # (B @ A).T; transposing both keeps the (r, in) / (out, r) convention.
             a, b, kind = b.T, a.T, "embedding"
         elif a.ndim > 2 or b.ndim > 2:
-            a, b, kind = a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1), "conv"
+            # Explicit widths, not -1: numpy cannot infer a width for a zero-size tensor.
+            a, b = a.reshape(a.shape[0], math.prod(a.shape[1:])), b.reshape(b.shape[0], math.prod(b.shape[1:]))
+            kind = "conv"
         if a.ndim != 2 or b.ndim != 2:
             raise AdapterError(f"{where}: expected 2-D factors, got {list(a.shape)} and {list(b.shape)}")
         if a.shape[0] != b.shape[1]:

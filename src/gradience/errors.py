@@ -48,3 +48,7 @@ def require(module: str, extra: str) -> None:
         raise MissingDependencyError(
             f"{module} is not installed; install it with `pip install gradience[{extra}]`"
         )
+
+
+class AuditFileError(GradienceError):
+    """A saved `gradience audit --json` output that cannot be read."""

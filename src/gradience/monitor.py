@@ -11,211 +11,49 @@ import dataclasses
 import math
 import os
 from collections import Counter, deque
-from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 from gradience.errors import TelemetryError
-from gradience.telemetry import ReadProblems, Record, iter_records
-
-GAP_THRESHOLD = 1.5  # test ppl / train ppl above this: probably memorizing
-CHANCE_MARGIN = 0.05  # test accuracy at most this far above chance: task set-up suspect
-UTILIZATION_THRESHOLD = 0.25  # mean stable_rank / r below this: rank over-provisioned
-FLAT_THRESHOLD = 0.05  # |relative change| over a trend window below this: flat
-STRUCTURAL_WINDOW = 5
-LOSS_WINDOW = 20
-MAX_KEPT = 50  # alerts kept; distinct alert codes, recommendation codes, splits, NaN paths
-TRAIN_KEYS = ("loss", "lr", "grad_norm", "lora_grad_norm", "epoch")
-STRUCTURAL_KEYS = ("frobenius_norm", "sigma_max", "stable_rank", "energy_rank_90", "utilization")
-TEST_SPLITS = ("test", "eval", "validation", "val", "dev")  # the first one logged is "test"
-RUN_KEYS = ("model", "dataset", "task_profile", "lora", "versions", "structural_interval",
-            "eval_policy")  # fmt: skip
-TRAINING_ARG_KEYS = (
-    "learning_rate", "max_steps", "num_train_epochs", "per_device_train_batch_size",
-    "gradient_accumulation_steps", "warmup_steps", "warmup_ratio", "weight_decay",
-    "lr_scheduler_type", "max_grad_norm", "optim", "seed", "bf16", "fp16",
-)  # fmt: skip
-TREND_RULE = (
-    f"flat when |relative change| < {FLAT_THRESHOLD:.0%}; relative change = fitted change "
-    "over the window / |window mean|"
+from gradience.monitor_report import (
+    CHANCE_MARGIN,
+    GAP_THRESHOLD,
+    HYPOTHESIS_NOTE,
+    LOSS_WINDOW,
+    MAX_KEPT,
+    RUN_KEYS,
+    STRUCTURAL_KEYS,
+    STRUCTURAL_WINDOW,
+    TEST_SPLITS,
+    THRESHOLDS,
+    TRAIN_KEYS,
+    TRAINING_ARG_KEYS,
+    UTILIZATION_THRESHOLD,
+    Alert,
+    Alerts,
+    AuditBlock,
+    Chance,
+    MonitorReport,
+    NonFinite,
+    Recommendation,
+    Signals,
+    Snapshot,
+    SplitEval,
+    Structural,
+    TrainSummary,
+    json_ready,
+    trend,
 )
-THRESHOLDS: dict[str, Any] = {
-    "gap": GAP_THRESHOLD, "chance_margin": CHANCE_MARGIN,
-    "utilization": UTILIZATION_THRESHOLD, "trend_flat": FLAT_THRESHOLD, "trend_rule": TREND_RULE,
-    "structural_window": STRUCTURAL_WINDOW, "loss_window": LOSS_WINDOW,
-}  # fmt: skip
-HYPOTHESIS_NOTE = (
-    "Recommendations are hypotheses to verify with an eval on held-out data, not predictions."
-)
-
-
-@dataclass(frozen=True)
-class Trend:
-    """Least-squares line through (step, value) points, labelled by TREND_RULE."""
-
-    metric: str
-    n_points: int
-    first_step: int | None
-    last_step: int | None
-    latest: float | None
-    slope_per_100_steps: float | None
-    relative_change: float | None
-    label: str  # rising | flat | falling | n/a (fewer than two distinct steps)
-    threshold: float = FLAT_THRESHOLD
-
-
-@dataclass(frozen=True)
-class SplitEval:
-    split: str
-    step: int | None
-    n_evals: int
-    loss: float | None
-    ppl: float | None
-    ppl_source: str | None  # logged | exp(loss)
-    accuracy: float | None
-    metrics: dict[str, Any]  # the latest eval's metrics as logged
-
-
-@dataclass(frozen=True)
-class Chance:
-    rate: float
-    basis: str  # num_labels | majority_rate | assumed_binary
-    detail: str
-
-
-@dataclass(frozen=True)
-class Signals:
-    train_ppl: float | None
-    train_ppl_source: str | None  # eval:train, or train_step when no train split was evaluated
-    train_accuracy: float | None
-    test_split: str | None
-    test_ppl: float | None
-    test_accuracy: float | None
-    gap: float | None  # test ppl / train ppl
-    best_test_loss: float | None
-    best_test_loss_step: int | None
-    chance: Chance | None
-
-
-@dataclass(frozen=True)
-class TrainSummary:
-    n_steps: int
-    first_step: int | None
-    last_step: int | None
-    latest: dict[str, float | None]  # latest finite value of each TRAIN_KEYS
-    min_loss: float | None
-    min_loss_step: int | None
-    loss_trend: Trend | None  # over the last LOSS_WINDOW finite losses
-
-
-@dataclass(frozen=True)
-class Snapshot:
-    step: int | None
-    reason: str | None
-    metrics: dict[str, float | None]  # STRUCTURAL_KEYS aggregates
-
-
-@dataclass(frozen=True)
-class Structural:
-    n_snapshots: int
-    latest: Snapshot
-    n_modules: int
-    mean_cost_ms: float | None
-    window: tuple[Snapshot, ...]  # the last STRUCTURAL_WINDOW, oldest first
-    trends: tuple[Trend, ...]
-
-
-@dataclass(frozen=True)
-class AuditBlock:
-    step: int | None
-    peft_dir: str | None
-    metrics: dict[str, Any]
-    suggestion: dict[str, Any]
-
-
-@dataclass(frozen=True)
-class Alert:
-    step: int | None
-    severity: str
-    code: str
-    message: str
-
-
-@dataclass(frozen=True)
-class Alerts:
-    total: int
-    by_code: dict[str, int]
-    by_severity: dict[str, int]
-    latest: tuple[Alert, ...]  # the last MAX_KEPT, oldest first
-
-
-@dataclass(frozen=True)
-class NonFinite:
-    records: int  # records whose NaN/Inf values the writer replaced by null
-    first_step: int | None
-    last_step: int | None
-    by_path: dict[str, int]  # "<event>:<path>" -> count
-
-
-@dataclass(frozen=True)
-class Recommendation:
-    """A hypothesis to verify: `source` "monitor" (a rule of this module) or "log"."""
-
-    code: str
-    message: str
-    threshold: float | None
-    value: float | None
-    rule: str
-    source: str
-    step: int | None = None
-
-
-@dataclass(frozen=True)
-class MonitorReport:
-    """Everything `gradience monitor` shows; `to_dict()` is the `--json` output."""
-
-    path: str
-    run_id: str | None  # the last one seen
-    run_ids: tuple[str, ...]
-    status: str  # ok | error | aborted | incomplete (no run_end: still running or crashed)
-    status_note: str
-    n_records: int
-    last_step: int | None
-    n_resumes: int
-    run: dict[str, Any]  # RUN_KEYS of the last run_start (null when absent) + training_args
-    train: TrainSummary
-    evals: dict[str, SplitEval]
-    signals: Signals
-    structural: Structural | None
-    audit: AuditBlock | None  # the latest `lora_audit` (from `gradience audit --append`)
-    alerts: Alerts
-    nonfinite: NonFinite
-    recommendations: tuple[Recommendation, ...]
-    recommendation_note: str
-    thresholds: dict[str, Any]
-    missing: tuple[str, ...]
-    skipped_lines: int
-    read_problems: tuple[str, ...]  # one line per kind of problem, with line numbers
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready nested dict (tuples as lists, finite numbers or null)."""
-        return _plain(dataclasses.asdict(self))
-
-
-def _plain(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {str(k): _plain(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_plain(v) for v in obj]
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None  # e.g. `1e999` in a hand-edited log parses as inf
-    return obj
+from gradience.telemetry import ReadProblems, iter_record_data
 
 
 def _num(x: Any) -> float | None:
     """A finite float, or None for anything else (null, strings, bools, inf)."""
-    if isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x):
-        return float(x)
+    if isinstance(x, (int, float)) and not isinstance(x, bool):
+        try:
+            x = float(x)
+        except OverflowError:  # an integer literal beyond float range
+            return None
+        return x if math.isfinite(x) else None
     return None
 
 
@@ -231,28 +69,6 @@ def _bump(counter: Counter[str], key: str) -> None:
 
 def _ppl(loss: float | None) -> float | None:
     return math.exp(loss) if loss is not None and loss < 700 else None
-
-
-def trend(metric: str, points: Sequence[tuple[int | None, float | None]]) -> Trend:
-    """Fit a line through (step, value) points; label it with the `FLAT_THRESHOLD` rule.
-
-    Example:
-        >>> trend("loss", [(0, 1.0), (100, 0.8), (200, 0.6)]).label
-        'falling'
-    """
-    pts = [(s, v) for s, v in points if s is not None and v is not None]
-    first, last, latest = (pts[0][0], pts[-1][0], pts[-1][1]) if pts else (None, None, None)
-    xs, ys = [float(s) for s, _ in pts], [v for _, v in pts]
-    mx, my = (sum(xs) / len(xs), sum(ys) / len(ys)) if pts else (0.0, 0.0)
-    sxx = sum((x - mx) ** 2 for x in xs)
-    if len(pts) < 2 or sxx == 0:
-        return Trend(metric, len(pts), first, last, latest, None, None, "n/a")
-    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sxx
-    change = slope * (xs[-1] - xs[0])
-    rel = change / abs(my) if my != 0 else (0.0 if change == 0 else None)
-    flat = rel is not None and abs(rel) < FLAT_THRESHOLD
-    label = "flat" if flat else ("rising" if slope > 0 else "falling")
-    return Trend(metric, len(pts), first, last, latest, 100.0 * slope, rel, label)
 
 
 class _Summary:
@@ -283,56 +99,66 @@ class _Summary:
         self.alert_severities: Counter[str] = Counter()
         self.nonfinite_paths: Counter[str] = Counter()
 
-    def add(self, rec: Record) -> None:
+    def add(self, data: dict[str, Any]) -> None:
+        """Fold one record (a dict that passed the reader's envelope checks) into the summary."""
         self.n_records += 1
+        step, event = data["step"], data["event"]
         if len(self.run_ids) < MAX_KEPT:
-            self.run_ids.setdefault(rec.run_id)
-        if rec.step is not None and (self.last_step is None or rec.step > self.last_step):
-            self.last_step = rec.step
-        data = rec.data
+            self.run_ids.setdefault(data["run_id"])
+        if step is not None and (self.last_step is None or step > self.last_step):
+            self.last_step = step
         if "nonfinite" in data:
             self.nonfinite += 1
             if self.first_nonfinite is None:
-                self.first_nonfinite = rec.step
-            self.last_nonfinite = rec.step
+                self.first_nonfinite = step
+            self.last_nonfinite = step
             paths = data["nonfinite"]
             for path in paths if isinstance(paths, list) else []:
-                _bump(self.nonfinite_paths, f"{rec.event}:{path}")
-        handler = _HANDLERS.get(rec.event)
+                _bump(self.nonfinite_paths, f"{event}:{path}")
+        handler = _HANDLERS.get(event)
         if handler is not None:
-            handler(self, rec, data)
+            handler(self, step, data)
 
-    def on_train_step(self, rec: Record, data: dict[str, Any]) -> None:
+    def on_train_step(self, step: int | None, data: dict[str, Any]) -> None:
         self.n_train += 1
         if self.first_train is None:
-            self.first_train = rec.step
-        self.last_train = rec.step
+            self.first_train = step
+        self.last_train = step
+        latest, loss = self.latest_train, None
         for key in TRAIN_KEYS:  # latest finite value of each: a NaN step does not blank them
-            if key in data and (value := _num(data[key])) is not None:
-                self.latest_train[key] = value
-        loss = _num(data.get("loss"))
+            value = data.get(key)
+            if value is None:
+                continue
+            # `_num` inlined for floats, the common case (a million calls on a long log).
+            if type(value) is not float or value - value != 0:  # `x - x != 0`: inf or NaN
+                value = _num(value)
+                if value is None:
+                    continue
+            latest[key] = value
+            if key == "loss":
+                loss = value
         if loss is not None:
-            self.losses.append((rec.step, loss))
+            self.losses.append((step, loss))
             if self.min_loss[0] is None or loss < self.min_loss[0]:
-                self.min_loss = (loss, rec.step)
+                self.min_loss = (loss, step)
 
-    def on_eval(self, rec: Record, data: dict[str, Any]) -> None:
+    def on_eval(self, step: int | None, data: dict[str, Any]) -> None:
         split, metrics = data.get("split"), data.get("metrics")
         if not isinstance(split, str) or not isinstance(metrics, dict):
             return
         if split in self.evals or len(self.evals) < MAX_KEPT:
             n = self.evals[split].n_evals + 1 if split in self.evals else 1
-            self.evals[split] = _split_eval(split, rec.step, n, _plain(metrics))
+            self.evals[split] = _split_eval(split, step, n, json_ready(metrics))
         loss, best = _num(metrics.get("loss")), self.best_loss.get(split)
         if loss is not None and (best is None or loss < best[0]):
-            self.best_loss[split] = (loss, rec.step)
+            self.best_loss[split] = (loss, step)
 
-    def on_metrics(self, rec: Record, data: dict[str, Any]) -> None:
+    def on_metrics(self, step: int | None, data: dict[str, Any]) -> None:
         agg, kind = data.get("metrics"), data.get("kind")
         if kind == "structural" and isinstance(agg, dict):
             # Aggregates only: a snapshot's `modules` can hold hundreds of entries.
             metrics = {k: _num(agg.get(k)) for k in STRUCTURAL_KEYS}
-            self.snapshots.append(Snapshot(rec.step, _str(data.get("reason")), metrics))
+            self.snapshots.append(Snapshot(step, _str(data.get("reason")), metrics))
             self.n_snapshots += 1
             modules = data.get("modules")
             self.n_modules = len(modules) if isinstance(modules, dict) else 0
@@ -340,30 +166,30 @@ class _Summary:
                 self.cost_sum, self.n_cost = self.cost_sum + cost, self.n_cost + 1
         elif kind == "lora_audit":
             m, g = data.get("metrics"), data.get("suggestion")
-            self.audit = AuditBlock(rec.step, _str(data.get("peft_dir")),
-                                    _plain(m) if isinstance(m, dict) else {},
-                                    _plain(g) if isinstance(g, dict) else {})  # fmt: skip
+            self.audit = AuditBlock(step, _str(data.get("peft_dir")),
+                                    json_ready(m) if isinstance(m, dict) else {},
+                                    json_ready(g) if isinstance(g, dict) else {})  # fmt: skip
 
-    def on_alert(self, rec: Record, data: dict[str, Any]) -> None:
+    def on_alert(self, step: int | None, data: dict[str, Any]) -> None:
         code, severity = str(data.get("code", "?")), str(data.get("severity", "?"))
         self.n_alerts += 1
-        self.alerts.append(Alert(rec.step, severity, code, str(data.get("message", ""))))
+        self.alerts.append(Alert(step, severity, code, str(data.get("message", ""))))
         _bump(self.alert_codes, code)
         _bump(self.alert_severities, severity)
 
-    def on_recommendation(self, rec: Record, data: dict[str, Any]) -> None:
+    def on_recommendation(self, step: int | None, data: dict[str, Any]) -> None:
         code = str(data.get("code", "?"))
         if code in self.recs or len(self.recs) < MAX_KEPT:
             got = Recommendation(code, str(data.get("message", "")), _num(data.get("threshold")),
-                                 _num(data.get("value")), "recorded in the log", "log", rec.step)  # fmt: skip
+                                 _num(data.get("value")), "recorded in the log", "log", step)  # fmt: skip
             self.recs[code] = (got, self.recs[code][1] + 1 if code in self.recs else 1)
 
-    def on_lifecycle(self, rec: Record, data: dict[str, Any]) -> None:
-        if rec.event == "run_end":
-            self.end = (str(data.get("status", "?")), rec.step)
+    def on_lifecycle(self, step: int | None, data: dict[str, Any]) -> None:
+        if data["event"] == "run_end":
+            self.end = (str(data.get("status", "?")), step)
             return
         self.end = None  # a run that ended and was then resumed is running again
-        if rec.event == "run_start":
+        if data["event"] == "run_start":
             self.start = data
         else:
             self.n_resumes += 1
@@ -407,8 +233,8 @@ def monitor(path: str | os.PathLike[str]) -> MonitorReport:
     """
     problems = ReadProblems(path)
     s = _Summary()
-    for rec in iter_records(path, problems=problems):
-        s.add(rec)
+    for _, data in iter_record_data(path, problems=problems):
+        s.add(data)
     if s.n_records == 0:
         if len(problems) == 0:
             raise TelemetryError(f"{path}: the run log is empty; nothing to summarise")
@@ -451,8 +277,8 @@ def _run(start: dict[str, Any] | None) -> dict[str, Any]:
     d = start or {}
     args: dict[str, Any] = d.get("training_args") or {}
     args = args if isinstance(args, dict) else {}
-    run = {k: _plain(d.get(k)) for k in RUN_KEYS}
-    run["training_args"] = _plain({k: args[k] for k in TRAINING_ARG_KEYS if k in args})
+    run = {k: json_ready(d.get(k)) for k in RUN_KEYS}
+    run["training_args"] = json_ready({k: args[k] for k in TRAINING_ARG_KEYS if k in args})
     return run
 
 

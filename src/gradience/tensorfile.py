@@ -10,6 +10,7 @@ however large the file is.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import struct
@@ -39,6 +40,7 @@ _DTYPES: dict[str, Any] = {
     "BOOL": np.bool_,
 }
 _MAX_HEADER = 100 * 1024 * 1024  # the format's own limit
+_MAX_BYTES = 2**63 - 1  # numpy's limit on an array's size in bytes (even an empty one)
 
 
 def safetensors_dtypes() -> Mapping[str, np.dtype[Any]]:
@@ -68,7 +70,7 @@ class TensorInfo:
 
     @property
     def numel(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64)) if self.shape else 1
+        return math.prod(self.shape)
 
 
 class TensorFile:
@@ -121,7 +123,9 @@ class TensorFile:
                 )
             try:
                 header = json.loads(fh.read(n).decode("utf-8"))
-            except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            except RecursionError:
+                raise AdapterError(f"{self.path}: corrupt safetensors header (nested too deep)") from None
+            except ValueError as exc:  # bad UTF-8, bad JSON, an integer of thousands of digits
                 raise AdapterError(f"{self.path}: corrupt safetensors header ({exc})") from None
         if not isinstance(header, dict):
             raise AdapterError(f"{self.path}: corrupt safetensors header (not a JSON object)")
@@ -141,11 +145,17 @@ class TensorFile:
             lo, hi = int(lo), int(hi)
         except (KeyError, TypeError, ValueError):
             raise AdapterError(f"{where} has a malformed header entry") from None
-        if dtype not in _DTYPES:
+        if not isinstance(dtype, str) or dtype not in _DTYPES:
             raise AdapterError(f"{where} has unsupported dtype {dtype!r}")
         if any(d < 0 for d in shape) or lo < 0 or hi < lo:
             raise AdapterError(f"{where} has a malformed shape or offsets")
-        expected = int(np.prod(shape, dtype=np.int64)) * np.dtype(_DTYPES[dtype]).itemsize
+        itemsize = np.dtype(_DTYPES[dtype]).itemsize
+        # Exact integers: in int64 a shape such as [2**32, 2**32] wraps to 0 bytes and passes
+        # for an empty tensor. numpy refuses any shape whose non-zero dims exceed its byte
+        # limit, even with a zero dim, so such a shape is refused here with a message.
+        if math.prod(d for d in shape if d) * itemsize > _MAX_BYTES:
+            raise AdapterError(f"{where} has an impossible shape {list(shape)}")
+        expected = math.prod(shape) * itemsize
         if hi - lo != expected:
             raise AdapterError(f"{where}: {hi - lo} bytes for shape {list(shape)} {dtype}")
         if base + hi > size:

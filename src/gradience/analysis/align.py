@@ -15,7 +15,9 @@ Example:
 
 from __future__ import annotations
 
+import math
 import os
+from array import array
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -23,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from gradience.errors import TelemetryError
-from gradience.telemetry import ReadProblems, iter_records
+from gradience.telemetry import ReadProblems, iter_record_data
 
 # Held-out splits in order of preference when the caller names none.
 SPLIT_PREFERENCE: tuple[str, ...] = ("test", "eval", "validation")
@@ -191,14 +193,35 @@ class RunSeries:
         )
 
 
+class _Points:
+    """Append-only (step, value) pairs in two packed arrays: 16 bytes a point, not ~150."""
+
+    __slots__ = ("steps", "values")
+
+    def __init__(self) -> None:
+        self.steps = array("q")
+        self.values = array("d")
+
+    def series(self, name: str) -> Series:
+        """Sorted by step; where a step repeats, the later point wins (as in a dict)."""
+        steps = np.frombuffer(self.steps, dtype=np.int64) if self.steps else np.zeros(0, np.int64)
+        values = np.frombuffer(self.values, dtype=np.float64) if self.values else np.zeros(0)
+        order = np.argsort(steps, kind="stable")
+        steps, values = steps[order], values[order]
+        last = np.ones(steps.size, dtype=bool)
+        last[:-1] = steps[1:] != steps[:-1]
+        return Series(name, steps[last].copy(), values[last].copy())
+
+
 @dataclass
 class _Collector:
+    train_fields: Mapping[str, str] = field(default_factory=lambda: TRAIN_FIELDS)
     run_id: str | None = None
     config: dict[str, Any] = field(default_factory=dict)
-    evals: dict[str, dict[int, float]] = field(default_factory=dict)
-    structural: dict[str, dict[int, float]] = field(default_factory=dict)
+    evals: dict[str, _Points] = field(default_factory=dict)
+    structural: dict[str, _Points] = field(default_factory=dict)
     structural_steps: set[int] = field(default_factory=set)
-    train: dict[str, dict[int, float]] = field(default_factory=dict)
+    train: dict[str, _Points] = field(default_factory=dict)
     eval_records: int = 0
 
     def add(self, event: str, step: int | None, data: dict[str, Any]) -> None:
@@ -210,32 +233,50 @@ class _Collector:
             self.config = {**config, **{k: data[k] for k in _START_KEYS if k in data}}
         elif step is None:
             return
+        elif event == "train_step":  # first: most records of a long log are train steps
+            for key, name in self.train_fields.items():
+                value = _number(data.get(key))
+                if value is not None:
+                    _add(self.train, name, step, value)
         elif event == "eval":
             self.eval_records += 1
             split, loss = data.get("split"), _eval_loss(data)
             if isinstance(split, str) and loss is not None:
-                self.evals.setdefault(split, {})[step] = loss
+                _add(self.evals, split, step, loss)
         elif event == "metrics" and data.get("kind") == "structural":
             self.structural_steps.add(step)
             for name, value in _numbers(data.get("metrics")).items():
-                self.structural.setdefault(name, {})[step] = value
-        elif event == "train_step":
-            for key, value in _numbers(data).items():
-                if key in TRAIN_FIELDS:
-                    self.train.setdefault(TRAIN_FIELDS[key], {})[step] = value
+                _add(self.structural, name, step, value)
+
+
+def _add(table: dict[str, _Points], name: str, step: int, value: float) -> None:
+    points = table.get(name)
+    if points is None:
+        points = table[name] = _Points()
+    points.steps.append(step)
+    points.values.append(value)
 
 
 _START_KEYS = ("structural_interval", "eval_policy")
 
 
+def _number(v: Any) -> float | None:
+    """A finite float from a JSON number (not a bool, not beyond float range), else None."""
+    if type(v) is float:
+        return v if v - v == 0 else None  # `x - x` is NaN for inf and NaN
+    if isinstance(v, (int, float)) and not isinstance(v, bool):
+        try:
+            f = float(v)
+        except OverflowError:
+            return None
+        return f if math.isfinite(f) else None
+    return None
+
+
 def _numbers(obj: Any) -> dict[str, float]:
     if not isinstance(obj, dict):
         return {}
-    return {
-        k: float(v)
-        for k, v in obj.items()
-        if isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v)
-    }
+    return {k: f for k, v in obj.items() if (f := _number(v)) is not None}
 
 
 def _eval_loss(data: dict[str, Any]) -> float | None:
@@ -275,12 +316,19 @@ def choose_split(splits: Sequence[str], target_split: str | None, where: str = "
     )
 
 
-def load_run(path: str | os.PathLike[str], target_split: str | None = None) -> RunSeries:
+def load_run(
+    path: str | os.PathLike[str],
+    target_split: str | None = None,
+    train_fields: Sequence[str] | None = None,
+) -> RunSeries:
     """Stream a run log into series: eval loss of one split, structural metrics, train fields.
 
     Args:
         path: a `run.jsonl` written by Gradience telemetry.
         target_split: eval split whose `metrics.loss` is the target; default: `choose_split`.
+        train_fields: which `train_step` series to keep, by series name (`train_loss`, `lr`,
+            `grad_norm`, `lora_grad_norm`); default all. Keeping none makes memory
+            independent of the number of train steps.
 
     Returns:
         `RunSeries`; unreadable lines are skipped and summarised in `notes`. Records
@@ -292,11 +340,14 @@ def load_run(path: str | os.PathLike[str], target_split: str | None = None) -> R
         TelemetryError: the log has no eval loss, no structural records, or no usable split.
     """
     problems = ReadProblems(path)
-    acc = _Collector()
-    for record in iter_records(path, problems=problems):
+    wanted = TRAIN_FIELDS if train_fields is None else {
+        k: v for k, v in TRAIN_FIELDS.items() if v in train_fields
+    }  # fmt: skip
+    acc = _Collector(wanted)
+    for _, data in iter_record_data(path, problems=problems):
         if acc.run_id is None:
-            acc.run_id = record.run_id
-        acc.add(record.event, record.step, record.data)
+            acc.run_id = data["run_id"]
+        acc.add(data["event"], data["step"], data)
     missing = []
     if not acc.evals:
         missing.append("no eval records with a loss" if acc.eval_records else "no eval records")
@@ -313,9 +364,9 @@ def load_run(path: str | os.PathLike[str], target_split: str | None = None) -> R
         run_id=acc.run_id,
         target_split=split,
         splits=tuple(sorted(acc.evals)),
-        eval_loss=Series.from_points("eval_loss", acc.evals[split]),
-        structural={k: Series.from_points(k, v) for k, v in acc.structural.items()},
-        train={k: Series.from_points(k, v) for k, v in acc.train.items()},
+        eval_loss=acc.evals[split].series("eval_loss"),
+        structural={k: v.series(k) for k, v in acc.structural.items()},
+        train={k: v.series(k) for k, v in acc.train.items()},
         structural_steps=np.array(sorted(acc.structural_steps), dtype=np.int64),
         declared_structural_interval=declared if type(declared) is int else None,
         eval_policy=acc.config.get("eval_policy"),

@@ -342,7 +342,8 @@ def analyze(
     require("statsmodels", "analysis")
     runs = tuple(
         analyze_run(
-            load_run(p, target_split), metrics, max_lag, basis, ridge_alpha, train_fraction, policy
+            load_run(p, target_split, train_fields=metrics), metrics, max_lag, basis, ridge_alpha,
+            train_fraction, policy,
         )
         for p in logs
     )

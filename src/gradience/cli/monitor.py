@@ -6,14 +6,14 @@ import argparse
 from typing import Any
 
 from gradience.cli._output import emit_json, header, human_count, num, pct
-from gradience.monitor import (
+from gradience.monitor import monitor
+from gradience.monitor_report import (
     CHANCE_MARGIN,
     FLAT_THRESHOLD,
     GAP_THRESHOLD,
     UTILIZATION_THRESHOLD,
     MonitorReport,
     Trend,
-    monitor,
 )
 
 _LORA_KEYS = ("r", "lora_alpha", "use_rslora", "use_dora", "target_modules", "lora_dropout",

@@ -199,16 +199,47 @@ def iter_records(
     log = _open_log(path)
     if problems is not None and not problems.path:
         problems.path = str(log)
-    return _iter(log, strict, problems)
+    return _records(_scan(log, strict, problems))
 
 
-def _iter(log: Path, strict: bool, problems: ReadProblems | None) -> Iterator[Record]:
+def iter_record_data(
+    path: str | os.PathLike[str], strict: bool = False, problems: ReadProblems | None = None
+) -> Iterator[tuple[int, dict[str, Any]]]:
+    """`iter_records` without the `Record` wrapper: (line number, record dict) pairs.
+
+    Why: one-pass summaries of million-line logs (`monitor`, `analyze`) spend a third of
+    their time building `Record` objects they read three fields of. Every yielded dict has
+    passed the same envelope checks, so `data["event"]`, `data["step"]`, `data["run_id"]`
+    are well typed. Same arguments, errors and problem reports as `iter_records`.
+    """
+    log = _open_log(path)
+    if problems is not None and not problems.path:
+        problems.path = str(log)
+    return _scan(log, strict, problems)
+
+
+def _records(pairs: Iterator[tuple[int, dict[str, Any]]]) -> Iterator[Record]:
+    for line_no, d in pairs:
+        yield Record(line_no, d["seq"], d["step"], d["event"], d["ts"], d["run_id"], d)
+
+
+def _scan(
+    log: Path, strict: bool, problems: ReadProblems | None
+) -> Iterator[tuple[int, dict[str, Any]]]:
     warned = False
-    decode, envelope = _DECODER.decode, _ENVELOPE
+    decode, raw_decode, envelope = _DECODER.decode, _DECODER.raw_decode, _ENVELOPE
     with open(log, "rb") as fh:
         for line_no, raw in enumerate(fh, 1):
             try:
-                data = decode(raw.decode("utf-8"))
+                text = raw.decode("utf-8")
+                # Fast path: a line that is exactly one JSON value and its newline skips
+                # `decode`'s whitespace regexes; anything else takes `decode` for its errors.
+                try:
+                    data, end = raw_decode(text)
+                    if end != len(text) and text[end:] != "\n":
+                        raise ValueError
+                except ValueError:
+                    data = decode(text)
             except (ValueError, RecursionError) as exc:
                 kind, detail = _decode_problem(raw, exc)
             else:
@@ -226,16 +257,13 @@ def _iter(log: Path, strict: bool, problems: ReadProblems | None) -> Iterator[Re
                         and type(run_id) is str
                         and run_id
                     ):
-                        yield Record(line_no, seq, step, event, ts, run_id, data)
+                        yield line_no, data
                         continue
                 problem = _classify(data)
                 if problem is None:  # valid, but another schema version
                     if not warned:
                         warned = _warn_newer(log, line_no, data["schema"], problems)
-                    yield Record(
-                        line_no, data["seq"], data["step"], data["event"], data["ts"],
-                        data["run_id"], data,
-                    )  # fmt: skip
+                    yield line_no, data
                     continue
                 kind, detail = problem
             if strict:

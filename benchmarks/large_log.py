@@ -1,0 +1,144 @@
+"""Do `gradience monitor` and `gradience analyze` stay fast and flat on a million-record log?
+
+Writes a realistic `run.jsonl` (run_start; a train_step per step; every 50 steps an eval on
+`test` and `train` and a structural snapshot of a few modules; run_end) straight to disk as
+schema-valid lines, then times `gradience monitor --json` and `gradience analyze --json` on
+it as fresh processes: wall seconds and peak RSS. Run at two sizes (default 250k and 1M
+records): a streaming reader's peak RSS should be about the same at both.
+
+Usage: python benchmarks/large_log.py [--records 250000 1000000] [--repeats 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+OUT = Path(__file__).resolve().parent / "out" / "large_log"
+SCHEMA = "gradience.run/1"
+RUN_ID = "b3nchmark0000001"
+EVAL_EVERY = 50
+MODULES = [f"base_model.model.model.layers.{i}.self_attn.{p}" for i in range(4) for p in ("q_proj", "v_proj")]
+
+# Peak RSS survives exec, so a child forked from this process would report our size.
+# A bare interpreter spawns the command instead and reports the child's own wall and peak.
+_LAUNCHER = """
+import os, sys, time
+t = time.perf_counter()
+pid = os.posix_spawn(sys.argv[1], sys.argv[1:], os.environ,
+                     file_actions=[(os.POSIX_SPAWN_OPEN, 1, os.devnull, os.O_WRONLY, 0)])
+_, status, usage = os.wait4(pid, 0)
+print(time.perf_counter() - t, usage.ru_utime + usage.ru_stime, usage.ru_maxrss,
+      os.waitstatus_to_exitcode(status))
+"""
+
+
+def _line(seq: int, event: str, step: int | None, **fields: object) -> str:
+    record = {"schema": SCHEMA, "ts": 1767225600.0 + seq * 0.01, "run_id": RUN_ID, "seq": seq,
+              "event": event, "step": step, **fields}  # fmt: skip
+    return json.dumps(record, separators=(",", ":")) + "\n"
+
+
+def _structural(step: int) -> dict[str, object]:
+    """A structural snapshot: per-module metrics and the aggregates DESIGN.md defines."""
+    grow = 1 - math.exp(-step / 1000.0)
+    modules: dict[str, dict[str, float]] = {}
+    for i, name in enumerate(MODULES):
+        stable = round(2.0 + 0.1 * i + 0.2 * math.sin(step / 1000.0), 4)
+        modules[name] = {
+            "frobenius_norm": round(0.05 * (1 + i) * grow, 6),
+            "sigma_max": round(0.03 * (1 + i) * grow, 6),
+            "stable_rank": stable,
+            "energy_rank_90": 4 + i % 3,
+            "utilization": round(stable / 8, 4),
+        }
+    rows = list(modules.values())
+    aggregate = {
+        "frobenius_norm": round(math.sqrt(sum(m["frobenius_norm"] ** 2 for m in rows)), 6),
+        "sigma_max": max(m["sigma_max"] for m in rows),
+        **{k: round(sum(m[k] for m in rows) / len(rows), 6)
+           for k in ("stable_rank", "energy_rank_90", "utilization")},
+    }  # fmt: skip
+    return {"kind": "structural", "reason": "eval", "metrics": aggregate, "modules": modules,
+            "cost_ms": 3.1}  # fmt: skip
+
+
+def _count_lines(path: Path) -> int:
+    with open(path, "rb") as fh:
+        return sum(1 for _ in fh)
+
+
+def write_log(path: Path, n_records: int) -> Path:
+    """A schema-valid run log of exactly `n_records` lines."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    seq, step = 0, 0
+    with open(path, "w", encoding="utf-8") as fh:
+        fh.write(_line(seq, "run_start", 0, config={"model": "bench", "r": 8, "lora_alpha": 16,
+                 "target_modules": ["q_proj", "v_proj"]}, structural_interval=EVAL_EVERY))  # fmt: skip
+        seq += 1
+        while seq < n_records - 1:
+            step += 1
+            loss = 2.0 * math.exp(-step / 20000) + 0.3 + 0.05 * math.sin(step)
+            fh.write(_line(seq, "train_step", step, loss=round(loss, 5), lr=0.0002,
+                           grad_norm=round(1.0 + 0.3 * math.cos(step), 4)))  # fmt: skip
+            seq += 1
+            if step % EVAL_EVERY == 0:
+                for split, bias in (("test", 0.15), ("train", 0.0)):
+                    if seq < n_records - 1:
+                        el = 2.0 * math.exp(-step / 20000) + 0.3 + bias
+                        fh.write(_line(seq, "eval", step, split=split, metrics={
+                            "loss": round(el, 5), "accuracy": round(1 - el / 3, 4),
+                            "ppl": round(math.exp(el), 4)}))  # fmt: skip
+                        seq += 1
+                if seq < n_records - 1:
+                    fh.write(_line(seq, "metrics", step, **_structural(step)))
+                    seq += 1
+        fh.write(_line(seq, "run_end", step, status="ok"))
+    return path
+
+
+def whole_process(args: list[str]) -> tuple[float, float, float]:
+    """Wall seconds, CPU seconds and peak RSS (MiB) of one `gradience ...` process.
+
+    CPU time is reported beside wall time because on a shared machine the wall time
+    measures the neighbours as much as the command.
+    """
+    exe = str(Path(sys.executable).parent / "gradience")
+    cmd = [sys.executable, "-S", "-c", _LAUNCHER, exe, *args]
+    wall, cpu, rss_kib, code = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.split()
+    if int(code) != 0:
+        raise SystemExit(f"gradience {' '.join(args)} exited with {code}")
+    return float(wall), float(cpu), int(rss_kib) / 1024.0
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--records", type=int, nargs="+", default=[250_000, 1_000_000])
+    parser.add_argument("--repeats", type=int, default=1, help="runs per command; the best is shown")
+    args = parser.parse_args()
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    print(f"python {sys.version.split()[0]}, {os.cpu_count()} CPUs, load average {load}; "
+          "target: each command < 5 s")
+    print(f"{'records':>9} {'MiB':>6} {'command':<8} {'wall s':>7} {'CPU s':>6} {'peak RSS MiB':>13}")
+    for n in args.records:
+        path = OUT / f"run_{n}.jsonl"
+        if not path.exists() or _count_lines(path) != n:
+            t0 = time.perf_counter()
+            write_log(path, n)
+            print(f"  (wrote {path.name} in {time.perf_counter() - t0:.1f} s)")
+        size = path.stat().st_size / 2**20
+        for command in ("monitor", "analyze"):
+            runs = [whole_process([command, str(path), "--json"]) for _ in range(args.repeats)]
+            wall, cpu = min(w for w, _, _ in runs), min(c for _, c, _ in runs)
+            rss = max(r for _, _, r in runs)
+            print(f"{n:>9} {size:>6.0f} {command:<8} {wall:>7.2f} {cpu:>6.2f} {rss:>13.1f}")
+
+
+if __name__ == "__main__":
+    main()
