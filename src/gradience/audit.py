@@ -13,13 +13,14 @@ import sys
 import types
 from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from gradience.adapter import Adapter, LoraModule, ModuleProblem, layer_index, module_type
+from gradience.base_relative import BaseRelativeSummary, relative_sizes
 from gradience.errors import UsageError
 from gradience.spectrum import core_singular_values, spectrum_metrics
 
@@ -56,6 +57,8 @@ class ModuleAudit:
     effective_rank: float | None = None
     numerical_rank: int | None = None
     singular_values: tuple[float, ...] = ()
+    rel_spectral: float | None = None  # ‖ΔW‖₂/‖W‖₂, with --base-model only
+    rel_frobenius: float | None = None  # ‖ΔW‖_F/‖W‖_F, with --base-model only
 
 
 @dataclass(frozen=True)
@@ -122,8 +125,8 @@ class RankSuggestion:
 class AuditReport:
     """Everything `gradience audit` prints; `to_dict()` is exactly what `--json` prints."""
 
-    peft_dir: str
-    config_path: str
+    peft_dir: str | None  # None for a single weights file
+    config_path: str | None  # None for a kohya file, which has no config
     weights_path: str
     r: int
     lora_alpha: float
@@ -138,11 +141,17 @@ class AuditReport:
     warnings: tuple[str, ...]
     problems: tuple[dict[str, str], ...]
     modules: tuple[ModuleAudit, ...] = field(default=(), repr=False)
+    format: str = "peft"  # the key grammar: "peft" or "kohya"
+    base_relative: BaseRelativeSummary | None = None  # with --base-model only
 
     def to_dict(self, include_modules: bool = True) -> dict[str, Any]:
         d = asdict(self)
         if not include_modules:
             d.pop("modules")
+        if self.base_relative is None:  # without --base-model the JSON is what it always was
+            d.pop("base_relative")
+            for row in [*d["wasteful"], *d.get("modules", ())]:
+                row.pop("rel_spectral"), row.pop("rel_frobenius")
         return d
 
 
@@ -184,19 +193,27 @@ def audit_module(module: LoraModule, energy: float = 0.9) -> ModuleAudit:
 
 
 def audit(
-    peft_dir: str | Path,
+    peft_dir: str | Path | None,
     *,
     adapter_config: str | Path | None = None,
     weights: str | Path | None = None,
     energy: float = 0.9,
     top_wasteful: int = 10,
     grid: Sequence[int] | None = None,
+    fmt: str = "auto",
+    base_model: str | Path | None = None,
+    base_cache: str | Path | None = None,
 ) -> AuditReport:
-    """Audit a saved PEFT LoRA adapter.
+    """Audit a saved LoRA adapter: a PEFT folder, or one kohya / diffusers safetensors file.
 
     Args:
-        peft_dir: folder with `adapter_config.json` and `adapter_model.safetensors`.
+        peft_dir: folder with `adapter_config.json` and `adapter_model.safetensors`; None
+            to audit the single file `weights` (kohya `lora_down` / `lora_up` / `alpha`).
         adapter_config, weights: override the files inside `peft_dir`.
+        fmt: key grammar, `auto`, `peft` or `kohya` (see `Adapter.open`).
+        base_model: folder of the base model's safetensors shards; adds ‖ΔW‖/‖W‖ per module
+            (`gradience.base_relative`).
+        base_cache: cache file for the base weights' norms (default: a user cache dir).
         energy: energy fraction for `energy_rank` and the rank suggestions.
         top_wasteful: how many lowest-utilization modules to list.
         grid: ranks the uniform suggestions round up to (default: powers of two ≤ r, and r).
@@ -216,7 +233,7 @@ def audit(
         raise UsageError(f"--energy must be in (0, 1], got {energy}")
     if top_wasteful < 0:
         raise UsageError(f"--top-wasteful must be >= 0, got {top_wasteful}")
-    adapter = Adapter.open(peft_dir, adapter_config, weights)
+    adapter = Adapter.open(peft_dir, adapter_config, weights, fmt)
     rows: list[ModuleAudit] = []
     problems: list[dict[str, str]] = []
     for item in adapter.modules():
@@ -224,18 +241,34 @@ def audit(
             problems.append({"module": item.name, "problem": item.message})
         else:
             rows.append(audit_module(item, energy))
-    return _report(adapter, peft_dir, rows, problems, energy, top_wasteful, grid)
+    report = _report(adapter, peft_dir, rows, problems, energy, top_wasteful, grid)
+    return _with_base(report, base_model, base_cache) if base_model is not None else report
+
+
+def _with_base(report: AuditReport, base_model: str | Path, base_cache: str | Path | None) -> AuditReport:
+    """The report with ‖ΔW‖/‖W‖ on each matched module and a base-relative summary."""
+    rel = relative_sizes(report.modules, base_model, cache=base_cache)
+
+    def add(m: ModuleAudit) -> ModuleAudit:
+        r = rel.modules.get(m.name)
+        return replace(m, rel_spectral=r.rel_spectral, rel_frobenius=r.rel_frobenius) if r else m
+
+    return replace(
+        report, modules=tuple(map(add, report.modules)), wasteful=tuple(map(add, report.wasteful)),
+        base_relative=rel.summary, warnings=report.warnings + rel.warnings,
+    )
 
 
 def _report(
-    adapter: Adapter, peft_dir: str | Path, rows: list[ModuleAudit], problems: list[dict[str, str]],
+    adapter: Adapter, peft_dir: str | Path | None, rows: list[ModuleAudit], problems: list[dict[str, str]],
     energy: float, top_wasteful: int, grid: Sequence[int] | None,
 ) -> AuditReport:
     good = [m for m in rows if m.status != "nonfinite"]
     warnings = _warnings(adapter, rows, problems)
     max_r = max((m.r for m in rows), default=adapter.settings.r)
     return AuditReport(
-        peft_dir=str(peft_dir), config_path=str(adapter.config_path),
+        peft_dir=None if peft_dir is None else str(peft_dir),
+        config_path=None if adapter.config_path is None else str(adapter.config_path),
         weights_path=str(adapter.weights_path), r=adapter.settings.r,
         lora_alpha=adapter.settings.lora_alpha, use_rslora=adapter.settings.use_rslora,
         use_dora=adapter.is_dora,
@@ -244,7 +277,7 @@ def _report(
         wasteful=tuple(sorted(good, key=lambda m: (m.utilization or 0.0, m.name))[:top_wasteful]),
         by_type=_by_type(good), gain=_gain(good),
         suggestion=_suggest(good, energy, tuple(grid) if grid else default_grid(max_r)),
-        warnings=tuple(warnings), problems=tuple(problems), modules=tuple(rows),
+        warnings=tuple(warnings), problems=tuple(problems), modules=tuple(rows), format=adapter.format,
     )
 
 

@@ -10,22 +10,50 @@ from gradience.cli._output import emit_json, header, human_count, num, pct
 
 
 def register(sub: Any) -> None:
-    p = sub.add_parser("audit", help="spectral audit of a saved PEFT LoRA adapter")
-    p.add_argument("--peft-dir", required=True, help="folder with adapter_config.json and weights")
+    p = sub.add_parser(
+        "audit", help="spectral audit of a saved LoRA adapter (PEFT folder or kohya/diffusers file)",
+        description="Audit a PEFT adapter folder (--peft-dir DIR) or one single-file LoRA "
+        "(--weights FILE.safetensors without --peft-dir): kohya-ss / diffusers `lora_down` / "
+        "`lora_up` / `alpha` keys, scale = alpha / r (alpha = r when absent).",
+    )
+    p.add_argument("--peft-dir", help="folder with adapter_config.json and weights")
     p.add_argument("--adapter-config", help="use this adapter_config.json instead of the one in --peft-dir")
-    p.add_argument("--weights", help="use this weights file instead of the one in --peft-dir")
+    p.add_argument(
+        "--weights", metavar="FILE",
+        help="weights file to use instead of the one in --peft-dir; alone, a single-file (kohya/diffusers) LoRA",
+    )
+    p.add_argument(
+        "--format", choices=("auto", "peft", "kohya"), default="auto",
+        help="key grammar of --weights FILE (auto: kohya unless an adapter_config.json sits beside it)",
+    )
+    p.add_argument(
+        "--base-model", metavar="DIR",
+        help="base model's safetensors shards: adds |dW|_2/|W|_2 and |dW|_F/|W|_F per module",
+    )
+    p.add_argument(
+        "--base-cache", metavar="FILE",
+        help="cache file for the base weights' norms (default: $GRADIENCE_CACHE_DIR, "
+        "$XDG_CACHE_HOME/gradience or ~/.cache/gradience, under base_norms/)",
+    )
     p.add_argument("--top-wasteful", type=int, default=10, metavar="N", help="list the N lowest-utilization modules")
     p.add_argument("--layers", action="store_true", help="show (and put in --json) every module's metrics")
     p.add_argument("--energy", type=float, default=0.9, help="energy fraction for k@q and suggestions (default 0.9)")
     p.add_argument("--json", action="store_true", help="print the AuditReport as JSON")
     p.add_argument("--append", metavar="RUN_JSONL", help="add the audit as a metrics event to this run log")
+    p.add_argument("--recursive", metavar="DIR",
+                   help="audit every folder with an adapter_config.json under DIR: one JSON line each on stdout")
+    p.add_argument("--workers", type=int, metavar="N",
+                   help="worker processes for --recursive (default: min(CPU count, 4))")  # fmt: skip
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.recursive:
+        return run_recursive(args)
     report = audit(
         args.peft_dir, adapter_config=args.adapter_config, weights=args.weights,
         energy=args.energy, top_wasteful=args.top_wasteful,
+        fmt=args.format, base_model=args.base_model, base_cache=args.base_cache,
     )
     if args.append:
         append_to_log(report, args.append)
@@ -34,6 +62,29 @@ def run(args: argparse.Namespace) -> int:
     else:
         print("\n".join(render(report, layers=args.layers)))
     return 0
+
+
+def run_recursive(args: argparse.Namespace) -> int:
+    """One JSON line per adapter on stdout, `[k/n] path` progress on stderr; 1 if any failed."""
+    import json
+    import sys
+
+    from gradience.audit_many import AdapterResult, audit_many
+
+    def progress(k: int, n: int, result: AdapterResult) -> None:
+        print(f"[{k}/{n}] {result.path}{'' if result.ok else ' FAILED'}", file=sys.stderr, flush=True)
+
+    failed = 0
+    for result in audit_many(args.recursive, workers=args.workers, on_result=progress,
+                             energy=args.energy, top_wasteful=args.top_wasteful):  # fmt: skip
+        try:
+            line = json.dumps(result.to_dict(include_modules=args.layers), allow_nan=False)
+        except ValueError as exc:  # a non-finite number in the report: still one line, marked failed
+            result = AdapterResult(result.path, False, error=f"report is not JSON-safe ({exc})")
+            line = json.dumps(result.to_dict())
+        failed += not result.ok
+        print(line, flush=True)
+    return 1 if failed else 0
 
 
 def append_to_log(report: AuditReport, log_path: str) -> None:
@@ -57,10 +108,11 @@ def render(report: AuditReport, layers: bool = False) -> list[str]:
     s, g = report.summary, report.suggestion
     q = f"{round(100 * report.energy_fraction):d}%"
     out = header("GRADIENCE LoRA AUDIT")
+    if report.format == "kohya":
+        out += [f"Weights: {report.weights_path}", "Format: kohya/diffusers single file (scale = alpha / r)"]
+    else:
+        out += [f"PEFT dir: {report.peft_dir}", f"Config: {report.config_path}", f"Weights: {report.weights_path}"]
     out += [
-        f"PEFT dir: {report.peft_dir}",
-        f"Config: {report.config_path}",
-        f"Weights: {report.weights_path}",
         f"LoRA: r={report.r} alpha={num(report.lora_alpha)} rsLoRA={'yes' if report.use_rslora else 'no'}"
         f" DoRA={'yes' if report.use_dora else 'no'}",
         "",
@@ -86,6 +138,7 @@ def render(report: AuditReport, layers: bool = False) -> list[str]:
             f" k@{q} p50/p90={num(t.energy_rank_p50, 1)}/{num(t.energy_rank_p90, 1)}"
         )
     out += _render_gain(report)
+    out += _render_base(report)
     out += [
         "",
         f"Suggested ranks (energy {q}, rounded up on grid {','.join(map(str, g.grid))}):",
@@ -103,6 +156,7 @@ def render(report: AuditReport, layers: bool = False) -> list[str]:
                 f"  {m.name}  {m.type} {m.kind} {m.shape[0]}x{m.shape[1]} r={m.r} status={m.status}"
                 f" |dW|_F={num(m.frobenius_norm, 4)} sigma_max={num(m.sigma_max, 4)}"
                 f" sr={num(m.stable_rank)} util={pct(m.utilization)} k@90%={m.energy_rank_90}"
+                + (f" rel2={_g(m.rel_spectral)} relF={_g(m.rel_frobenius)}" if report.base_relative else "")
             )
     if report.warnings:
         out += ["", "Warnings:"] + [f"  - {w}" for w in report.warnings]
@@ -121,3 +175,25 @@ def _render_gain(report: AuditReport) -> list[str]:
         bar = "#" * max(0, round(24 * lg.share / peak))
         out.append(f"  layer {lg.layer:>3} {pct(lg.share):>6} {bar}")
     return out
+
+
+def _render_base(report: AuditReport) -> list[str]:
+    b = report.base_relative
+    if b is None:
+        return []
+    out = [
+        "", f"Update size relative to the base weight ({b.n_matched} modules matched in {b.base_model}):",
+        f"  |dW|_2/|W|_2 median {_g(b.rel_spectral_median)} max {_g(b.rel_spectral_max)}",
+        f"  |dW|_F/|W|_F median {_g(b.rel_frobenius_median)} max {_g(b.rel_frobenius_max)}",
+    ]
+    if b.largest:
+        out.append("  largest |dW|_2/|W|_2:")
+        out += [f"    {_g(m['rel_spectral']):>9}  {m['name']}" for m in b.largest]
+    if b.unmatched:
+        out.append(f"  {b.n_unmatched} module(s) without a base weight, e.g. {b.unmatched[0]['module']}: "
+                   f"{b.unmatched[0]['reason']}")
+    return out
+
+
+def _g(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.3g}"
