@@ -31,10 +31,11 @@ import numpy as np
 from gradience.adapter_writer import replace_atomic
 from gradience.analysis.align import Series, choose_split
 from gradience.errors import TelemetryError, UsageError, require
+from gradience.integrations.trigger import TRIGGER_KIND
 from gradience.telemetry import ReadProblems, iter_records
 
 PLOT_METRICS: tuple[str, ...] = ("frobenius_norm", "sigma_max", "stable_rank", "energy_rank_90")
-TRIGGER_KIND = "eval_trigger"
+
 DPI = 100
 _PANEL_INCHES = (9.0, 2.3)
 _STRUCTURE_COLOR, _LOSS_COLOR, _TRIGGER_COLOR = "#1f77b4", "#d62728", "#2ca02c"

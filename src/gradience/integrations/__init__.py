@@ -1,4 +1,4 @@
-"""Training integrations: the PyTorch `Recorder` and the `transformers.Trainer` callback.
+"""Training integrations: the PyTorch `Recorder`, the opt-in `Guard`, and the Trainer callback.
 
 Both need the `hf` extra (`pip install gradience[hf]`); importing this package does not
 import torch or transformers, the submodules do.
@@ -9,10 +9,11 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from gradience.integrations.guard import Guard, GuardConfig
     from gradience.integrations.hf import GradienceCallback
     from gradience.integrations.recorder import Recorder
 
-__all__ = ["GradienceCallback", "Recorder"]
+__all__ = ["GradienceCallback", "Guard", "GuardConfig", "Recorder"]
 
 
 def __getattr__(name: str) -> Any:
@@ -20,6 +21,10 @@ def __getattr__(name: str) -> Any:
         from gradience.integrations.hf import GradienceCallback
 
         return GradienceCallback
+    if name in ("Guard", "GuardConfig"):
+        from gradience.integrations import guard
+
+        return getattr(guard, name)
     if name == "Recorder":
         from gradience.integrations.recorder import Recorder
 

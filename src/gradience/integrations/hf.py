@@ -5,6 +5,8 @@ Add it to a Trainer and it writes `<out_dir>/run.jsonl`: the run's config, train
 `train()` returns), and structural snapshots of the adapter every `structural_interval`
 optimizer steps and at every eval step. The aggregate structural scalars are mirrored into
 the Trainer's logs as `lora/<metric>` so TensorBoard or W&B plot them beside the loss.
+With `eval_policy="trigger"` it also decides when to evaluate, from those snapshots
+(`trigger.py`), and `run_end` reports the eval time saved against a fixed schedule.
 
 Only world rank 0 writes; snapshots gather sharded weights collectively on every rank. A
 failure inside the callback becomes an `alert` record and a warning, never an exception
@@ -21,12 +23,15 @@ import functools
 import math
 import re
 import sys
+import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 from gradience.errors import UsageError, require
+from gradience.integrations.guard import GuardConfig, TrainerGuard
 from gradience.integrations.recorder import Recorder
+from gradience.integrations.trigger import TrainerTrigger, TriggerPolicy
 
 require("transformers", "hf")
 from transformers import TrainerCallback
@@ -88,7 +93,14 @@ class GradienceCallback(TrainerCallback):
         model_name: recorded in `run_start` (default: the base model's `name_or_path`).
         allow_raw_text: keep strings over 256 characters (off: they are redacted).
         mirror_to_logs: add `lora/<metric>` scalars to the Trainer's logs.
-        eval_policy: `fixed` (the Trainer's schedule); `trigger` is added by the analysis tools.
+        guard: roll back to the last good snapshot on a non-finite or exploding step:
+            a `GuardConfig`, or True for its defaults (off by default; see `guard.py`).
+        record_paths: keep absolute paths and the host name in the log (off: dropped).
+        eval_policy: `fixed` (the Trainer's schedule) or `trigger`: evaluate when the structure
+            plateaus, diverges or changes regime, within a step budget (see `trigger.py`).
+            With `trigger` the Trainer's own eval_strategy should be "no"; a "steps" or
+            "epoch" schedule is overridden (with a warning). Needs `structural_interval` > 0.
+        trigger: the `TriggerPolicy` of `eval_policy="trigger"` (default: its defaults).
     """
 
     def __init__(
@@ -101,16 +113,29 @@ class GradienceCallback(TrainerCallback):
         model_name: str | None = None,
         allow_raw_text: bool = False,
         mirror_to_logs: bool = True,
+        guard: GuardConfig | bool | None = None,
+        record_paths: bool = False,
         eval_policy: str = "fixed",
+        trigger: TriggerPolicy | None = None,
     ) -> None:
-        if eval_policy not in ("fixed",):
-            raise UsageError(f"`eval_policy` must be 'fixed', got {eval_policy!r}")
-        self._recorder = Recorder(out_dir, None, structural_interval=structural_interval, allow_raw_text=allow_raw_text)
+        if eval_policy not in ("fixed", "trigger"):
+            raise UsageError(f"`eval_policy` must be 'fixed' or 'trigger', got {eval_policy!r}")
+        if trigger is not None and (eval_policy != "trigger" or not isinstance(trigger, TriggerPolicy)):
+            raise UsageError("`trigger` takes a TriggerPolicy, and only with eval_policy='trigger'")
+        if eval_policy == "trigger" and not structural_interval:
+            raise UsageError("eval_policy='trigger' reads the structural snapshots: set `structural_interval` > 0")
+        self._recorder = Recorder(out_dir, None, structural_interval=structural_interval, allow_raw_text=allow_raw_text,
+                                  record_paths=record_paths)
+        self._guard = _trainer_guard(guard)
         self.task_profile = task_profile
         self.dataset = {"name": dataset} if isinstance(dataset, str) else dataset
         self.model_name = model_name
         self.mirror_to_logs = mirror_to_logs
         self.eval_policy = eval_policy
+        self._trigger: TrainerTrigger | None = None
+        if eval_policy == "trigger":
+            self._trigger = TrainerTrigger(trigger, agree=self._agree)
+            self._recorder.on_snapshot = self._trigger.observe
         self._lora_grad_norm: float | None = None
         self._started = False
 
@@ -138,6 +163,7 @@ class GradienceCallback(TrainerCallback):
         rec.start(
             step, model={"name": name or type(inner).__name__}, dataset=_with_num_labels(self.dataset, inner),
             task_profile=self.task_profile, eval_policy=self.eval_policy,
+            eval_trigger=self._trigger.policy.to_dict() if self._trigger is not None else None,
             training_args=_training_args(args),
         )
         self._move_before_reporters()
@@ -170,6 +196,16 @@ class GradienceCallback(TrainerCallback):
     @_guarded
     def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
         self._setup(args, state, model)
+        note = self._trigger.begin(args, state) if self._trigger is not None else None
+        if note and self._recorder.is_writer:
+            warnings.warn(note, stacklevel=2)
+
+    @_guarded
+    def on_step_begin(self, args: Any, state: Any, control: Any, model: Any = None, optimizer: Any = None,
+                      **kwargs: Any) -> None:
+        if self._guard is not None:  # before the first forward, so its gradients are measured
+            self._setup(args, state, model)
+            self._guard.begin(args, state, model, optimizer, self._recorder)
 
     @_guarded
     def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
@@ -180,12 +216,27 @@ class GradienceCallback(TrainerCallback):
             self._lora_grad_norm = _lora_grad_norm(model)
 
     @_guarded
+    def on_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        # After optimizer.step(), before zero_grad and the scheduler: a bad step is undone here.
+        if self._guard is not None:
+            self._guard.after_optimizer_step(state, control)
+
+    @_guarded
     def on_step_end(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
         self._setup(args, state, model)
+        if self._trigger is not None:  # evals owed whatever the snapshot says: final, max_spacing, deferred
+            self._trigger.step_end(state, control, self._recorder)
         # DefaultFlowCallback ran first, so `should_evaluate` already says whether this
         # step ends with an eval: the snapshot then belongs to it, at the same step.
         reason = "eval" if control.should_evaluate else "interval"
         self._recorder.maybe_snapshot(state.global_step, reason)
+        if self._trigger is not None:  # what the fresh snapshot says
+            self._trigger.step_end(state, control, self._recorder)
+
+    @_guarded
+    def on_epoch_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self._trigger is not None:
+            self._trigger.epoch_end(state, control)
 
     @_guarded
     def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any) -> None:
@@ -207,12 +258,33 @@ class GradienceCallback(TrainerCallback):
         if not metrics:
             return
         split, values, timing = split_eval_metrics(metrics)
+        if self._trigger is not None:
+            self._trigger.evaluated(state.global_step, timing.get("runtime"))
         self._recorder.eval(state.global_step, split, {k: _scalar(v) for k, v in values.items()}, timing=timing)
 
     @_guarded
     def on_train_end(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
+        if self._guard is not None:
+            self._guard.close()
         self._recorder.snapshot(state.global_step, "final")
-        self._recorder.end(state.global_step, status="ok", total_steps=state.global_step)
+        savings = {"eval_savings": self._trigger.summary(state.global_step)} if self._trigger is not None else {}
+        self._recorder.end(state.global_step, status="ok", total_steps=state.global_step, **savings)
+
+    def _agree(self, flag: bool) -> bool:
+        """A Trainer eval is collective, but only rank 0 sees the snapshots: OR over ranks."""
+        from gradience.integrations.snapshot import any_rank
+
+        return any_rank(flag, self._recorder.model, always=True)
+
+
+def _trainer_guard(guard: GuardConfig | bool | None) -> TrainerGuard | None:
+    if guard is None or guard is False:
+        return None
+    if guard is True:
+        return TrainerGuard(GuardConfig())
+    if isinstance(guard, GuardConfig):
+        return TrainerGuard(guard)
+    raise UsageError(f"`guard` must be a GuardConfig, True or None, got {guard!r}")
 
 
 def _with_num_labels(dataset: Mapping[str, Any] | None, model: Any) -> dict[str, Any] | None:

@@ -86,6 +86,8 @@ class Recorder:
         model: the PEFT model being trained (None: no structural snapshots).
         structural_interval: take a snapshot every this many optimizer steps (0: only at evals).
         allow_raw_text: keep strings over 256 characters in the log.
+        record_paths: keep absolute paths and the host name (off: a path becomes its last
+            component, the host name `<host>`).
         is_writer: False on ranks other than 0: they join collective gathers, write nothing.
         resume: continue an existing log (writes `run_resume`).
         on_snapshot: called with (step, reason, aggregate metrics) after each snapshot.
@@ -98,6 +100,7 @@ class Recorder:
         *,
         structural_interval: int = 10,
         allow_raw_text: bool = False,
+        record_paths: bool = False,
         is_writer: bool = True,
         on_snapshot: Callable[[int, str, dict[str, float]], None] | None = None,
     ) -> None:
@@ -110,6 +113,7 @@ class Recorder:
         self.model = model
         self.structural_interval = structural_interval
         self.allow_raw_text = allow_raw_text
+        self.record_paths = record_paths
         self.is_writer = is_writer
         self.on_snapshot = on_snapshot
         self.last_snapshot_step: int | None = None
@@ -125,7 +129,8 @@ class Recorder:
             exists = self.path.is_file() and self.path.stat().st_size > 0
             if exists and not resume:
                 self._rotate()
-            self._writer = RunWriter(self.path, resume=exists and resume, allow_raw_text=self.allow_raw_text)
+            self._writer = RunWriter(self.path, resume=exists and resume, allow_raw_text=self.allow_raw_text,
+                                     record_paths=self.record_paths)
         return self._writer
 
     def _rotate(self) -> None:

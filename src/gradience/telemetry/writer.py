@@ -70,8 +70,10 @@ class _Sanitizer:
         self.allow_raw_text = allow_raw_text
         self.record_paths = record_paths
         hosts = sorted({h for h in host_names if len(h) >= 4 and h != "localhost"}, key=len)
+        # Not `\b`: `_` is a word character, and transformers' old default run name is
+        # `runs/Nov23_12-00-00_<hostname>`.
         self.host_re = (
-            re.compile(r"\b(?:" + "|".join(re.escape(h) for h in reversed(hosts)) + r")\b")
+            re.compile(r"(?<![A-Za-z0-9])(?:" + "|".join(re.escape(h) for h in reversed(hosts)) + r")(?![A-Za-z0-9])")
             if hosts and not record_paths
             else None
         )
