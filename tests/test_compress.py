@@ -311,3 +311,40 @@ def test_cli_usage_errors_are_one_line_and_exit_2(tmp_path: Path) -> None:
     proc = _run("compress", "--peft-dir", str(d), "--out-dir", str(tmp_path / "o"), "--rank", "2", "--energy", "0.9")
     assert proc.returncode == 2  # argparse: mutually exclusive
     assert re.search(r"not allowed with", proc.stderr)
+
+
+# --- verify: the caller's eval before and after --------------------------------------------
+
+
+def test_verify_scores_the_input_before_writing_and_the_output_after(tmp_path: Path) -> None:
+    d, out = _factory(tmp_path), tmp_path / "out"
+    calls: list[tuple[Path, bool]] = []
+
+    def fake_eval(adapter_dir: Path) -> dict[str, Any]:
+        calls.append((adapter_dir, out.exists()))
+        r = audit(adapter_dir).r
+        return {"accuracy": 0.5 + r / 100, "loss": float("nan") if r == 2 else 0.25, "label": "x", "n": 7}
+
+    report = compress(d, out, rank=2, verify=fake_eval)
+    assert calls == [(d, False), (out, True)]  # the input is scored before anything is written
+    v = report.verify
+    assert v is not None and v.evaluator == "fake_eval"
+    assert v.before == {"accuracy": 0.58, "loss": 0.25, "n": 7.0}  # non-numbers dropped
+    assert v.after == {"accuracy": 0.52, "loss": None, "n": 7.0}  # NaN kept as None
+    assert v.delta == pytest.approx({"accuracy": -0.06, "loss": None, "n": 0.0})
+    assert json.loads(json.dumps(report.to_dict(), allow_nan=False))["verify"]["delta"]["loss"] is None
+    assert compress(d, tmp_path / "plain", rank=2).verify is None
+
+
+def test_verify_must_return_a_mapping(tmp_path: Path) -> None:
+    with pytest.raises(UsageError, match="dict of metrics"):
+        compress(_factory(tmp_path), tmp_path / "out", rank=2, verify=lambda p: 0.9)  # type: ignore[arg-type,return-value]
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_verify_refuses_an_adapter_of_another_task_before_writing(tmp_path: Path) -> None:
+    d = _factory(tmp_path)
+    proc = _run("compress", "--peft-dir", str(d), "--out-dir", str(tmp_path / "o"), "--rank", "2", "--verify")
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.startswith("Error: ") and "demo task" in proc.stderr and "verify=fn" in proc.stderr
+    assert not (tmp_path / "o").exists()

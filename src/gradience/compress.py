@@ -14,14 +14,15 @@ Ranks and alphas are written as `rank_pattern` / `alpha_pattern` keyed by full m
 
 The written adapter goes through `gradience.adapter_writer` (shared with `gradience.merge`).
 With `verify=eval_fn`, the input and output adapters are both scored by the caller's eval,
-so the closed-form errors come with a measured before/after.
+so the closed-form errors come with a measured before/after (`CompressReport.verify`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -49,6 +50,9 @@ from gradience.spectrum import FLOAT32_EPS, core_svd
 
 AUDIT_POLICIES = ("median", "p90", "per-module")
 
+# The caller's eval: an adapter folder in, named metrics out (e.g. {"accuracy": 0.77, "loss": 0.52}).
+EvalFn = Callable[[Path], Mapping[str, float]]
+
 
 @dataclass(frozen=True)
 class ModuleCompression:
@@ -67,6 +71,19 @@ class ModuleCompression:
     retained_energy: float  # Σ_{i≤k} σᵢ² / Σ σᵢ² (1 for a zero update)
     relative_frobenius_error: float  # ‖ΔW − ΔWₖ‖_F / ‖ΔW‖_F
     relative_spectral_error: float  # σ_{k+1} / σ₁
+
+
+@dataclass(frozen=True)
+class Verification:
+    """The caller's eval on the input and on the written adapter; delta = after − before.
+
+    Metrics that are not finite numbers are kept as None (and get no delta).
+    """
+
+    evaluator: str
+    before: dict[str, float | None]
+    after: dict[str, float | None]
+    delta: dict[str, float | None]
 
 
 @dataclass(frozen=True)
@@ -89,6 +106,7 @@ class CompressReport:
     storage_error: float  # measured: written factors (in their dtype) vs the exact truncation
     warnings: tuple[str, ...]
     modules: tuple[ModuleCompression, ...]
+    verify: Verification | None = None  # only with compress(..., verify=eval_fn)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -103,6 +121,7 @@ def compress(
     policy: str | None = None,
     budget_params: int | None = None,
     force: bool = False,
+    verify: EvalFn | None = None,
 ) -> CompressReport:
     """Re-factor every module of a PEFT LoRA adapter to a lower rank and save the result.
 
@@ -116,14 +135,21 @@ def compress(
         budget_params: keep at most this many LoRA parameters, spent greedily on the rank
             increments with the most energy σ² per parameter (in + out) across modules.
         force: overwrite an adapter already in `out_dir`.
+        verify: an eval `fn(adapter_dir) -> {metric: value}`, called on the input before
+            anything is written and on the output after; the report's `verify` holds both
+            and their difference. `gradience.demo.evaluator.demo_evaluator` builds one for
+            demo-task adapters.
         Exactly one of rank, energy, policy and budget_params is given.
 
     Returns:
-        CompressReport with per-module ranks, closed-form errors and parameter counts.
+        CompressReport with per-module ranks, closed-form errors, parameter counts and,
+        with `verify`, the measured metrics before and after.
 
     Raises:
-        UsageError: bad selector, out_dir is the input or holds an adapter (without force).
+        UsageError: bad selector, out_dir is the input or holds an adapter (without force),
+            or `verify` returned something other than a mapping of metric names.
         AdapterError: an unreadable or non-finite module. UnsupportedAdapterError: DoRA.
+        Whatever `verify` raises propagates.
 
     Example:
         >>> report = compress("runs/toy/peft", "runs/toy/peft-r4", rank=4)  # doctest: +SKIP
@@ -135,6 +161,7 @@ def compress(
     audited = audit(peft_dir)
     _refuse(audited)
     targets = _target_ranks(audited, selector, value)
+    before = _score(verify, Path(peft_dir)) if verify is not None else None
     adapter = Adapter.open(peft_dir)
     keys = module_keys(adapter)
     tensors: dict[str, np.ndarray] = {}
@@ -165,7 +192,33 @@ def compress(
         f"input {label} keys that match no module were dropped: {', '.join(ks)}"
         for label, ks in adapter.unmatched_pattern_keys().items()
     ]
-    return _report(audited, out, selector, value, r_new, rows, stored_err2, settings.use_rslora, notes)
+    report = _report(audited, out, selector, value, r_new, rows, stored_err2, settings.use_rslora, notes)
+    if verify is None or before is None:
+        return report
+    after = _score(verify, out)
+    name = getattr(verify, "description", None) or getattr(verify, "__name__", None) or repr(verify)
+    return dataclasses.replace(report, verify=Verification(str(name), before, after, _delta(before, after)))
+
+
+def _delta(before: Mapping[str, float | None], after: Mapping[str, float | None]) -> dict[str, float | None]:
+    out: dict[str, float | None] = {}
+    for key, a in after.items():
+        if key in before:
+            b = before[key]
+            out[key] = a - b if a is not None and b is not None else None
+    return out
+
+
+def _score(verify: EvalFn, adapter_dir: Path) -> dict[str, float | None]:
+    """Run the caller's eval; numbers become floats, NaN/Inf become None, other values are dropped."""
+    metrics = verify(adapter_dir)
+    if not isinstance(metrics, Mapping):
+        raise UsageError(f"verify({adapter_dir}) returned {type(metrics).__name__}; it must return a dict of metrics")
+    out: dict[str, float | None] = {}
+    for key, v in metrics.items():
+        if isinstance(v, (int, float, np.number)) and not isinstance(v, bool):
+            out[str(key)] = float(v) if math.isfinite(float(v)) else None
+    return out
 
 
 def _selector(
@@ -299,7 +352,7 @@ def _report(
     if unchanged and selector == "rank":
         warnings.append(f"{len(unchanged)} module(s) already at or below rank {value}: copied unchanged")
     return CompressReport(
-        peft_dir=audited.peft_dir, out_dir=str(out), selector=selector, value=str(value), r=r_new,
+        peft_dir=str(audited.peft_dir), out_dir=str(out), selector=selector, value=str(value), r=r_new,
         lora_alpha=audited.lora_alpha, use_rslora=use_rslora, params_before=before,
         params_after=after, param_reduction=1.0 - after / before if before else 0.0,
         retained_energy=(total - tails) / total if total > 0 else 1.0,

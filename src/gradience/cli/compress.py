@@ -6,7 +6,7 @@ import argparse
 from typing import Any
 
 from gradience.cli._output import emit_json, header, human_count, num, pct
-from gradience.compress import AUDIT_POLICIES, CompressReport, compress
+from gradience.compress import AUDIT_POLICIES, CompressReport, Verification, compress
 from gradience.policies import POLICIES
 
 
@@ -23,14 +23,24 @@ def register(sub: Any) -> None:
     )
     how.add_argument("--budget-params", type=int, metavar="N", help="at most N LoRA parameters, spent by energy per parameter")
     p.add_argument("--force", action="store_true", help="overwrite an adapter already in --out-dir")
+    p.add_argument(
+        "--verify", action="store_true",
+        help="score the demo task (test accuracy and loss) before and after; needs gradience[hf] and a demo adapter",
+    )
+    p.add_argument("--device", default="cpu", help="torch device of the --verify eval (default: cpu)")
     p.add_argument("--json", action="store_true", help="print the CompressReport as JSON")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    verify = None
+    if args.verify:  # checked before anything is written; imports torch only when asked
+        from gradience.demo.evaluator import demo_evaluator
+
+        verify = demo_evaluator(args.peft_dir, device=args.device)
     report = compress(
         args.peft_dir, args.out_dir, rank=args.rank, energy=args.energy, policy=args.policy,
-        budget_params=args.budget_params, force=args.force,
+        budget_params=args.budget_params, force=args.force, verify=verify,
     )
     if args.json:
         emit_json(report)
@@ -63,5 +73,23 @@ def render(report: CompressReport) -> list[str]:
         )
     if report.warnings:
         out += ["", "Warnings:"] + [f"  - {w}" for w in report.warnings]
-    out += ["", "Errors are closed form from the spectrum; only an eval tells whether the dropped directions mattered."]
+    if report.verify is not None:
+        out += ["", *render_verification(report.verify)]
+    else:
+        out += ["", "Errors are closed form from the spectrum; only an eval tells whether the dropped directions mattered."]
     return out
+
+
+def render_verification(v: Verification) -> list[str]:
+    out = [f"Verify: {v.evaluator}", f"  {'metric':<12} {'before':>10} {'after':>10} {'delta':>10}"]
+    for key, after in v.after.items():
+        before, delta = v.before.get(key), v.delta.get(key)
+        out.append(f"  {key:<12} {_f(before):>10} {_f(after):>10} {_f(delta, signed=True):>10}")
+    out.append("  One eval on one split: a small delta says these dropped directions did not matter here.")
+    return out
+
+
+def _f(x: float | None, signed: bool = False) -> str:
+    if x is None:
+        return "n/a"
+    return f"{x:+.4f}" if signed else f"{x:.4f}"
