@@ -26,11 +26,11 @@ demo: $(STAMP)
 	$(BIN)/gradience audit --peft-dir $(RUN)/peft --top-wasteful 10
 
 test: $(STAMP)
-	$(BIN)/ruff check src tests benchmarks examples
+	$(BIN)/ruff check src tests benchmarks examples experiments
 	$(BIN)/python -m pytest -q
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests benchmarks examples
+	$(BIN)/ruff check src tests benchmarks examples experiments
 	$(BIN)/mypy
 
 bench: $(STAMP)

@@ -21,14 +21,19 @@ from collections.abc import Sequence
 from gradience import __version__
 from gradience.cli import analyze as analyze_cmd
 from gradience.cli import audit as audit_cmd
+from gradience.cli import bench as bench_cmd
 from gradience.cli import check as check_cmd
 from gradience.cli import compare as compare_cmd
 from gradience.cli import compress as compress_cmd
+from gradience.cli import explain as explain_cmd
 from gradience.cli import merge as merge_cmd
 from gradience.cli import monitor as monitor_cmd
+from gradience.cli import plot as plot_cmd
+from gradience.cli import report as report_cmd
 from gradience.errors import GradienceError
 
-COMMANDS = [audit_cmd, check_cmd, monitor_cmd, analyze_cmd, compress_cmd, compare_cmd, merge_cmd]
+COMMANDS = [audit_cmd, explain_cmd, check_cmd, monitor_cmd, analyze_cmd, plot_cmd, report_cmd, compress_cmd,
+            compare_cmd, merge_cmd, bench_cmd]
 
 
 def build_parser() -> argparse.ArgumentParser:
