@@ -294,3 +294,17 @@ def test_append_to_a_missing_log_is_a_usage_error(adapter_dir: Path, tmp_path: P
     assert proc.returncode == 2
     _assert_one_error_line(proc, str(log))
     assert not log.exists()
+
+
+def test_a_command_imports_only_its_own_module(tmp_path: Path) -> None:
+    # `gradience audit` must start fast: no torch, and not the other commands' libraries.
+    spec = AdapterSpec(modules={"m.layers.0.q_proj": ModuleSpec(16, 16, [1.0])}, r=4)
+    peft_dir = write_adapter(tmp_path / "peft", spec)
+    code = (
+        "import sys, io, contextlib\n"
+        "from gradience.cli import main\n"
+        f"with contextlib.redirect_stdout(io.StringIO()): rc = main(['audit', '--peft-dir', {str(peft_dir)!r}])\n"
+        "print(rc, sorted(m for m in ('torch', 'scipy', 'gradience.analysis', 'gradience.cli.analyze') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "0 []"

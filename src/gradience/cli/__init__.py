@@ -14,29 +14,30 @@ for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_var, "1")
 
 import argparse
+import importlib
 import sys
 import traceback
 from collections.abc import Sequence
 
 from gradience import __version__
-from gradience.cli import analyze as analyze_cmd
-from gradience.cli import audit as audit_cmd
-from gradience.cli import bench as bench_cmd
-from gradience.cli import check as check_cmd
-from gradience.cli import compare as compare_cmd
-from gradience.cli import compress as compress_cmd
-from gradience.cli import explain as explain_cmd
-from gradience.cli import merge as merge_cmd
-from gradience.cli import monitor as monitor_cmd
-from gradience.cli import plot as plot_cmd
-from gradience.cli import report as report_cmd
 from gradience.errors import GradienceError
 
-COMMANDS = [audit_cmd, explain_cmd, check_cmd, monitor_cmd, analyze_cmd, plot_cmd, report_cmd, compress_cmd,
-            compare_cmd, merge_cmd, bench_cmd]
+# One module per command under gradience.cli, in help order. A run imports only the module
+# of the command it names, so `gradience audit` does not pay for analyze's scipy import.
+COMMANDS = ("audit", "explain", "check", "monitor", "analyze", "plot", "report", "compress",
+            "compare", "merge", "bench")  # fmt: skip
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _named_command(argv: Sequence[str]) -> str | None:
+    """The command an argument list names (options before it skipped), or None."""
+    for arg in argv:
+        if not arg.startswith("-"):
+            return arg if arg in COMMANDS else None
+    return None
+
+
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The parser with every command, or with just `only` (what a run needs)."""
     parser = argparse.ArgumentParser(
         prog="gradience",
         description="Flight recorder and mechanic for LoRA fine-tuning.",
@@ -44,14 +45,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"gradience {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for module in COMMANDS:
-        module.register(sub)
+    for name in [only] if only else COMMANDS:
+        importlib.import_module(f"gradience.cli.{name}").register(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the exit code (the console script exits with it)."""
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(_named_command(argv))
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
