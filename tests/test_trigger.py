@@ -21,11 +21,11 @@ from gradience.integrations.trigger import (
     REGIME_CHANGE,
     TRIGGER_KIND,
     TRIGGER_REASONS,
-    TrainerTrigger,
     TriggerPolicy,
     TriggerState,
     reference_evals,
 )
+from gradience.integrations.trigger_trainer import TrainerTrigger
 
 # Roomy budget by default, so a test sees the trigger it is about and not the ceiling.
 LOOSE = {"window": 5, "min_spacing": 1, "max_spacing": 1000}

@@ -29,9 +29,11 @@ from pathlib import Path
 from typing import Any
 
 from gradience.errors import UsageError, require
-from gradience.integrations.guard import GuardConfig, TrainerGuard
+from gradience.integrations.guard import GuardConfig
+from gradience.integrations.guard_trainer import TrainerGuard
 from gradience.integrations.recorder import Recorder
-from gradience.integrations.trigger import TrainerTrigger, TriggerPolicy
+from gradience.integrations.trigger import TriggerPolicy
+from gradience.integrations.trigger_trainer import TrainerTrigger
 
 require("transformers", "hf")
 from transformers import TrainerCallback
