@@ -170,14 +170,17 @@ def _entry_mutation(draw: st.DrawFn) -> Callable[[dict[str, Any], int], None]:
             entry.clear()
             entry["x"] = value
         elif field == "overlap":  # every tensor starts at byte 0 of the data section
-            start, end = entry.get("data_offsets", [0, 0])
+            offsets = entry.get("data_offsets")  # an earlier edit may have broken it already
+            ok = isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)
+            start, end = offsets if ok else (0, 0)
             entry["data_offsets"] = [0, end - start]
         elif field == "huge":  # a huge shape whose byte count wraps to 0 in 64-bit arithmetic
             entry["shape"] = big
             entry["data_offsets"] = [0, 0]
         elif field == "empty":  # a zero-size (or scalar) tensor, consistent with its offsets
             entry["shape"] = empty
-            start = entry.get("data_offsets", [0, 0])[0]
+            offsets = entry.get("data_offsets")
+            start = offsets[0] if isinstance(offsets, list) and offsets and isinstance(offsets[0], int) else 0
             entry["data_offsets"] = [start, start + (4 if empty == [] else 0)]
         elif isinstance(entry.get("shape"), list) and len(entry["shape"]) == 2:
             rows, cols = entry["shape"]  # same bytes, another layout

@@ -1,6 +1,6 @@
 """Reading a saved LoRA adapter as the library that trained it would apply it.
 
-The one home of LoRA key parsing and config semantics, with two key grammars. `peft` (a
+The one home of LoRA config semantics, over the two key grammars of `gradience.lora_keys`. `peft` (a
 folder): settings from `adapter_config.json`, per-module r / alpha from `rank_pattern` /
 `alpha_pattern` (PEFT's matching rule), rsLoRA, `fan_in_fan_out`, embedding LoRA, DoRA,
 adapter-name infixes. `kohya` (one safetensors file from kohya-ss or diffusers):
@@ -14,9 +14,8 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from collections import Counter
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,6 +23,12 @@ from typing import Any
 import numpy as np
 
 from gradience.errors import AdapterError, UnsupportedAdapterError, UsageError
+from gradience.lora_keys import FOREIGN_PARTS, PART_LABELS
+from gradience.lora_keys import FORMATS as FORMATS
+from gradience.lora_keys import SAVED_PREFIX as SAVED_PREFIX
+from gradience.lora_keys import detect_format as detect_format
+from gradience.lora_keys import parse_lora_key as parse_lora_key
+from gradience.lora_keys import pattern_key as pattern_key
 from gradience.naming import layer_index as layer_index
 from gradience.naming import module_type as module_type
 from gradience.naming import natural_key
@@ -31,81 +36,6 @@ from gradience.tensorfile import TensorFile
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHT_NAMES = ("adapter_model.safetensors", "adapter_model.bin")
-SAVED_PREFIX = "base_model.model."  # what PeftModel.save_pretrained puts before module paths
-LORA_PARTS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
-# Key fragments of PEFT methods that are not LoRA: their tensors are not B·A products.
-_FOREIGN_PARTS = {
-    "hada_w1_a": "LoHa", "lokr_w1": "LoKr", "vera_lambda_b": "VeRA", "ia3_l": "IA3",
-    "lora_E": "AdaLoRA", "oft_r": "OFT", "boft_R": "BOFT",
-}
-_KEY_RE = re.compile(r"^(?P<module>.+?)\.(?P<part>" + "|".join(LORA_PARTS) + r")(?P<rest>(\.[^.]+)*)$")
-FORMATS = ("peft", "kohya")
-# kohya / diffusers single files; every spelling maps to PEFT's part names (down = A, up = B).
-_KOHYA_RE = re.compile(
-    r"^(?P<module>.+?)(?:(?P<part>[._]lora[._](?:down|up)|\.lora_linear_layer\.(?:down|up)|\.lora_[AB])\.weight"
-    r"|\.(?P<alpha>alpha))$"
-)
-_KOHYA_SPECIFIC = re.compile(r"\.lora_(?:down|up)\.|[._]lora\.(?:down|up)\.|\.lora_linear_layer\.(?:down|up)\.")
-_PART_LABELS = {"peft": ("lora_A", "lora_B"), "kohya": ("lora_down", "lora_up")}
-
-
-def pattern_key(pattern_keys: Iterable[str], module_name: str) -> str | None:
-    """The first pattern key that PEFT would apply to `module_name`, or None.
-
-    PEFT treats each key as a regular expression that must match the end of the module
-    path at a dot boundary: `re.match(rf"(.*\\.)?({key})$", name)`; the first match wins.
-    """
-    for key in pattern_keys:
-        try:
-            if re.match(rf"(.*\.)?({key})$", module_name):
-                return key
-        except re.error:
-            if module_name == key or module_name.endswith("." + key):
-                return key
-    return None
-
-
-def parse_lora_key(key: str, fmt: str = "peft") -> tuple[str, str, str | None] | None:
-    """Split a state-dict key into (module path, LoRA part, adapter name), or None.
-
-    `peft` handles saved keys (`base_model.model.x.lora_A.weight`, `x.lora_embedding_A`) and
-    in-memory ones with an adapter-name infix (`x.lora_A.default.weight`). `kohya` maps
-    `x.lora_down.weight` / `x.lora_up.weight` (and diffusers' spellings) to parts `lora_A` /
-    `lora_B`, and `x.alpha` to part `alpha`; its adapter name is always None.
-
-    Example:
-        >>> parse_lora_key("lora_te_x_q_proj.lora_up.weight", "kohya")
-        ('lora_te_x_q_proj', 'lora_B', None)
-    """
-    if fmt == "kohya":
-        return _parse_kohya_key(key)
-    m = _KEY_RE.match(key)
-    if m is None:
-        return None
-    rest = [t for t in m.group("rest").split(".") if t]
-    if rest and rest[-1] == "bias":
-        return None  # `lora_bias=True` adds an output bias: not a factor of ΔW, not an adapter name
-    if rest and rest[-1] == "weight":
-        rest = rest[:-1]
-    if len(rest) > 1:
-        return None
-    module = m.group("module").removeprefix(SAVED_PREFIX)
-    return module, m.group("part"), (rest[0] if rest else None)
-
-
-def _parse_kohya_key(key: str) -> tuple[str, str, str | None] | None:
-    m = _KOHYA_RE.match(key)
-    if m is None or (m.group("part") or "").startswith("_lora_"):  # `x_lora_down` is no spelling
-        return None
-    part = m.group("alpha") or ("lora_A" if m.group("part").endswith(("down", "A")) else "lora_B")
-    return m.group("module"), part, None
-
-
-def detect_format(names: Iterable[str]) -> str:
-    """`kohya` when any key is spelled `lora_down` / `lora_up` (or diffusers' `lora.down`), else `peft`."""
-    return "kohya" if any(_KOHYA_SPECIFIC.search(n) for n in names) else "peft"
-
-
 @dataclass(frozen=True)
 class LoraSettings:
     """The parts of `adapter_config.json` that decide what each module's update is."""
@@ -342,7 +272,7 @@ class Adapter:
         self._others: list[str] = []
         adapters: set[str] = set()
         for info in self.file:
-            for method in (m for frag, m in _FOREIGN_PARTS.items() if f".{frag}" in info.name):
+            for method in (m for frag, m in FOREIGN_PARTS.items() if f".{frag}" in info.name):
                 raise UnsupportedAdapterError(
                     f"{self.weights_path}: holds {method} tensors ({info.name}); gradience audits LoRA adapters only"
                 )
@@ -368,12 +298,12 @@ class Adapter:
                 "save each with save_pretrained and audit them one at a time"
             )
         if not index:
-            raise AdapterError(f"{self.weights_path}: no LoRA tensors ({' / '.join(_PART_LABELS[self.format])}) found")
+            raise AdapterError(f"{self.weights_path}: no LoRA tensors ({' / '.join(PART_LABELS[self.format])}) found")
         return {k: _ModuleKeys(**v) for k, v in sorted(index.items(), key=lambda kv: natural_key(kv[0]))}
 
     def _load(self, name: str, keys: _ModuleKeys) -> LoraModule:
         where = f"{self.weights_path}: module {name}"
-        label_a, label_b = _PART_LABELS[self.format]
+        label_a, label_b = PART_LABELS[self.format]
         if keys.a is None or keys.b is None:
             have, lacks = (label_a, label_b) if keys.a else (label_b, label_a)
             have = have if keys.a or keys.b else "only alpha"
