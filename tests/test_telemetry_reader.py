@@ -354,3 +354,36 @@ def test_doc_python_example_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     (code,) = doc_blocks("python")
     exec(compile(code, str(DOC), "exec"), {})
     assert [r.event for r in iter_records("runs/toy/run.jsonl")][-1] == "metrics"
+
+
+def test_orjson_fast_path_and_stdlib_path_read_identically(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # orjson (when installed) only speeds up valid lines: every verdict is the stdlib decoder's.
+    pytest.importorskip("orjson")
+    path = write(
+        tmp_path / "run.jsonl",
+        line(rec(0)),
+        b' {"x": 1} \r\n',  # not a record
+        json.dumps(rec(1)).encode() + b"\r\n",  # CRLF, still valid
+        b'{"schema": "gradience.run/1", "loss": NaN}\n',  # NaN literal: refused
+        json.dumps(rec(2, loss=10**30)).encode() + b"\n",  # integer past 64 bits: orjson gives a float
+        json.dumps(rec(3, loss=1.0)).encode()[:-1] + b"1e999}\n",  # trailing garbage
+        b'{"a": "\xff"}\n',  # not UTF-8
+        json.dumps(rec(4, note="\ud800")).encode() + b"\n",  # lone surrogate escape
+        line(rec(5)),
+        b'{"schema": "gradience.run/1", "seq": 6',  # torn last line
+    )
+
+    def read() -> tuple[list[tuple[int, dict[str, Any]]], list[str]]:
+        from gradience.telemetry import iter_record_data
+
+        problems = ReadProblems()
+        return list(iter_record_data(path, problems=problems)), problems.messages()
+
+    fast = read()
+    monkeypatch.setenv("GRADIENCE_NO_ORJSON", "1")
+    slow = read()
+    assert slow[1] == fast[1]
+    assert [n for n, _ in fast[0]] == [n for n, _ in slow[0]] == [1, 3, 5, 6, 8, 9]
+    # the one documented difference: an integer past 64 bits arrives as the nearest float
+    assert fast[0][2][1].pop("loss") == pytest.approx(slow[0][2][1].pop("loss"), rel=1e-15)
+    assert fast[0] == slow[0]

@@ -27,6 +27,7 @@ from gradience.telemetry.schema import (
 )
 
 _ENVELOPE = frozenset(ENVELOPE_FIELDS)
+_NOT_PARSED = object()
 _TAIL_CHUNK = 1 << 16
 _MAX_LISTED = 5
 
@@ -116,6 +117,24 @@ def _reject_constant(name: str) -> None:
 
 # NaN/Infinity are not JSON; a writer of this schema never emits them.
 _DECODER = json.JSONDecoder(parse_constant=_reject_constant)
+
+
+def _fast_loads() -> Any:
+    """orjson's `loads` when installed (`gradience[fast]`), else None.
+
+    Why: on a million-line log, stdlib parsing is most of the time; orjson parses the same
+    valid lines ~2.5x faster. It is only a fast path: a line it refuses (NaN literals,
+    numbers past float range, bad UTF-8, any syntax error) goes through the stdlib decoder,
+    whose verdict and messages are the reader's contract. One difference remains: an integer
+    literal past 64 bits arrives as the nearest float. `GRADIENCE_NO_ORJSON=1` turns it off.
+    """
+    if os.environ.get("GRADIENCE_NO_ORJSON"):
+        return None
+    try:
+        import orjson
+    except ImportError:
+        return None
+    return orjson.loads
 
 
 def _classify(data: Any) -> tuple[str, str] | None:
@@ -227,19 +246,25 @@ def _scan(
     log: Path, strict: bool, problems: ReadProblems | None
 ) -> Iterator[tuple[int, dict[str, Any]]]:
     warned = False
-    decode, raw_decode, envelope = _DECODER.decode, _DECODER.raw_decode, _ENVELOPE
+    decode, raw_decode, envelope, fast = _DECODER.decode, _DECODER.raw_decode, _ENVELOPE, _fast_loads()
     with open(log, "rb") as fh:
         for line_no, raw in enumerate(fh, 1):
+            data: Any
             try:
-                text = raw.decode("utf-8")
-                # Fast path: a line that is exactly one JSON value and its newline skips
-                # `decode`'s whitespace regexes; anything else takes `decode` for its errors.
-                try:
-                    data, end = raw_decode(text)
-                    if end != len(text) and text[end:] != "\n":
-                        raise ValueError
-                except ValueError:
-                    data = decode(text)
+                data = fast(raw) if fast is not None else _NOT_PARSED
+            except Exception:  # orjson's refusal is only a hint: the stdlib decides below
+                data = _NOT_PARSED
+            try:
+                if data is _NOT_PARSED:
+                    text = raw.decode("utf-8")
+                    # Fast path: a line that is exactly one JSON value and its newline skips
+                    # `decode`'s whitespace regexes; anything else takes `decode` for its errors.
+                    try:
+                        data, end = raw_decode(text)
+                        if end != len(text) and text[end:] != "\n":
+                            raise ValueError
+                    except ValueError:
+                        data = decode(text)
             except (ValueError, RecursionError) as exc:
                 kind, detail = _decode_problem(raw, exc)
             else:
