@@ -14,6 +14,7 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 from gradience.audit import HYPOTHESIS_NOTE, audit
+from tests.cli_helpers import assert_one_error_line as _assert_one_error_line
 from tests.factories import PREFIX, AdapterSpec, ModuleSpec, expected_metrics, write_adapter
 
 GRADIENCE = str(Path(sys.executable).parent / "gradience")
@@ -51,15 +52,6 @@ def _strict_json(text: str) -> Any:
     return json.loads(text, parse_constant=reject)
 
 
-def _assert_one_error_line(proc: subprocess.CompletedProcess[str], *fragments: str) -> str:
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1, proc.stderr
-    assert lines[0].startswith("Error: ")
-    assert "Traceback" not in proc.stderr
-    for fragment in fragments:
-        assert fragment in lines[0]
-    assert proc.stdout == ""
-    return lines[0]
 
 
 def test_console_script_is_installed() -> None:

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from gradience.check import HEURISTICS_NOTE, check
+from tests.cli_helpers import assert_one_error_line as _one_error_line
 
 GRADIENCE = str(Path(sys.executable).parent / "gradience")
 
@@ -49,13 +50,6 @@ def check_args(run_dir: Path, task: str = "sst2", *extra: str) -> list[str]:
             "--training-dir", str(run_dir / "training"), *extra]
 
 
-def _one_error_line(proc: subprocess.CompletedProcess[str], *fragments: str) -> None:
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("Error: "), proc.stderr
-    assert "Traceback" not in proc.stderr
-    assert proc.stdout == ""
-    for fragment in fragments:
-        assert fragment in lines[0]
 
 
 def test_golden_path_passes(run_dir: Path) -> None:

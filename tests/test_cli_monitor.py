@@ -12,6 +12,7 @@ import pytest
 
 from gradience.monitor import monitor
 from gradience.telemetry import RunWriter, append_record_atomic
+from tests.cli_helpers import assert_one_error_line as _assert_one_error_line
 from tests.test_monitor import write_run
 
 GRADIENCE = str(Path(sys.executable).parent / "gradience")
@@ -30,13 +31,6 @@ def _strict_json(text: str) -> Any:
     return json.loads(text, parse_constant=reject)
 
 
-def _assert_one_error_line(proc: subprocess.CompletedProcess[str], *fragments: str) -> None:
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1, proc.stderr
-    assert lines[0].startswith("Error: ") and "Traceback" not in proc.stderr
-    for fragment in fragments:
-        assert fragment in lines[0]
-    assert proc.stdout == ""
 
 
 @pytest.fixture

@@ -135,14 +135,7 @@ def _assert_same_state(a: Any, b: Any) -> None:
         assert a == b
 
 
-class _Net(torch.nn.Module):  # type: ignore[misc]
-    def __init__(self) -> None:
-        super().__init__()
-        self.proj = torch.nn.Linear(16, 16)
-        self.head = torch.nn.Linear(16, 1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(torch.relu(self.proj(x)))
+from tests.tiny_trainer import PlainNet as _Net  # noqa: E402
 
 
 def _loop(tmp: Path, cfg: GuardConfig | None, faults: dict[int, float], n: int) -> dict[str, Any]:

@@ -16,6 +16,7 @@ from gradience.errors import MissingDependencyError
 from gradience.monitor import monitor
 from gradience.plot import png_size, read_curves
 from gradience.telemetry import RunWriter
+from tests.cli_helpers import assert_one_error_line as _one_error_line
 from tests.test_monitor import write_run
 
 GRADIENCE = str(Path(sys.executable).parent / "gradience")
@@ -27,13 +28,6 @@ def gradience(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([GRADIENCE, *args], capture_output=True, text=True, timeout=300, check=False)
 
 
-def _one_error_line(proc: subprocess.CompletedProcess[str], *fragments: str) -> None:
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1, proc.stderr
-    assert lines[0].startswith("Error: ") and "Traceback" not in proc.stderr
-    for fragment in fragments:
-        assert fragment in lines[0]
-    assert proc.stdout == ""
 
 
 def _triggers(w: RunWriter, s: int) -> None:

@@ -11,16 +11,7 @@ peft = pytest.importorskip("peft")
 
 from gradience.integrations.recorder import Recorder  # noqa: E402
 from gradience.telemetry import iter_records, validate_record  # noqa: E402
-
-
-class _Net(torch.nn.Module):  # type: ignore[misc]
-    def __init__(self) -> None:
-        super().__init__()
-        self.proj = torch.nn.Linear(16, 16)
-        self.head = torch.nn.Linear(16, 1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(torch.relu(self.proj(x)))
+from tests.tiny_trainer import PlainNet as _Net  # noqa: E402
 
 
 def test_custom_loop_writes_the_same_records_as_the_callback(tmp_path: Path) -> None:

@@ -43,6 +43,18 @@ class Tokens(torch.utils.data.Dataset):  # type: ignore[misc]
                 "labels": self.labels[i]}  # fmt: skip
 
 
+class PlainNet(torch.nn.Module):  # type: ignore[misc]
+    """A two-layer net for plain-PyTorch loops: LoRA goes on `proj`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = torch.nn.Linear(16, 16)
+        self.head = torch.nn.Linear(16, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.proj(x)))
+
+
 def tiny_model(seed: int = 0, random_b: bool = False) -> Any:
     """A 2-layer BERT classifier from a config with LoRA r=4 on query and value."""
     import peft
