@@ -88,7 +88,7 @@ def read_bytes(path: Path) -> float:
 
 
 def in_process_audit(directory: Path) -> float:
-    from gradience.audit import audit
+    from gradience.mechanic.audit import audit
 
     t0 = time.perf_counter()
     audit(directory)
@@ -97,7 +97,7 @@ def in_process_audit(directory: Path) -> float:
 
 def dense_baseline(directory: Path, n_modules: int = 2) -> tuple[float, int]:
     """Seconds per module for form-ΔW-then-full-SVD, on the first modules."""
-    from gradience.adapter import Adapter
+    from gradience.lora.reader import Adapter
 
     mods = []
     for m in Adapter.open(directory).modules():  # one k_proj (1024×4096), one q_proj (4096×4096)
@@ -136,7 +136,7 @@ def main() -> None:
     inproc = statistics.median(in_process_audit(directory) for _ in range(args.repeats))
     dense_per_module, n_dense = dense_baseline(directory)
     torch_on_import = imports_torch("import gradience")
-    torch_on_audit = imports_torch(f"from gradience.audit import audit; audit({str(directory)!r})")
+    torch_on_audit = imports_torch(f"from gradience.mechanic.audit import audit; audit({str(directory)!r})")
 
     print(f"adapter: {n_modules} modules, r={args.rank}, bf16, {size_mib:.1f} MiB ({weights})")
     print(f"whole process `gradience audit --json`: {wall:.3f} s wall (median of {args.repeats})   target < 1 s")

@@ -41,7 +41,7 @@ from audit_speed import (  # same spawn-and-wait4 launcher as the audit benchmar
     read_bytes,
 )
 
-from gradience.adapter_writer import write_safetensors
+from gradience.lora.writer import write_safetensors
 
 SHAPES = {  # (out, in)
     "self_attn.q_proj": (4096, 4096), "self_attn.k_proj": (1024, 4096), "self_attn.v_proj": (1024, 4096),
@@ -90,7 +90,7 @@ def spawn(args: list[str]) -> tuple[float, float]:
 
 def dense_child(directory: Path, energy: float, result: Path) -> None:
     """Form ΔW, full SVD, truncate and re-factor, on layer 0's k_proj, q_proj and gate_proj."""
-    from gradience.adapter import Adapter
+    from gradience.lora.reader import Adapter
 
     adapter = Adapter.open(directory)
     wanted = {f"model.layers.0.{c}" for c in set(COST_CLASS.values())}

@@ -46,7 +46,7 @@ import numpy as np
 
 from gradience.analysis import Ccf, analyze, ccf, forward_fill_align, load_run
 from gradience.analysis.correlation import BASES, Basis, best_lag, transform
-from gradience.analysis.report import AnalysisReport
+from gradience.analysis.results import AnalysisReport
 from gradience.telemetry import iter_records
 
 METRICS = ("frobenius_norm", "sigma_max", "stable_rank", "energy_rank_90")

@@ -20,9 +20,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.numpy import save_file
 
-from gradience.adapter import Adapter, LoraSettings, parse_lora_key, pattern_key
-from gradience.audit import audit
 from gradience.errors import AdapterError, UnsupportedAdapterError, UsageError
+from gradience.lora.reader import Adapter, LoraSettings, parse_lora_key, pattern_key
+from gradience.mechanic.audit import audit
 from tests.factories import AdapterSpec, ModuleSpec, write_adapter
 
 torch = pytest.importorskip("torch")

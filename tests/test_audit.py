@@ -9,8 +9,8 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from gradience.audit import audit, default_grid, round_up
 from gradience.errors import UsageError
+from gradience.mechanic.audit import audit, default_grid, round_up
 from tests.factories import AdapterSpec, ModuleSpec, expected_metrics, write_adapter
 
 

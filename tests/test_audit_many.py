@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from gradience.audit import audit
-from gradience.audit_many import AdapterResult, audit_many, find_adapters
 from gradience.errors import UsageError
+from gradience.mechanic.audit import audit
+from gradience.mechanic.audit_many import AdapterResult, audit_many, find_adapters
 from tests.factories import AdapterSpec, ModuleSpec, write_adapter
 
 GRADIENCE = str(Path(sys.executable).parent / "gradience")

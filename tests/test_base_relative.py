@@ -12,10 +12,10 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from gradience import base_relative
-from gradience.adapter_writer import write_safetensors
-from gradience.audit import audit
-from gradience.base_relative import (
+from gradience.lora.writer import write_safetensors
+from gradience.mechanic import base_relative
+from gradience.mechanic.audit import audit
+from gradience.mechanic.base_relative import (
     POWER_TOL,
     BaseWeights,
     base_weight_key,

@@ -1,4 +1,4 @@
-"""`gradience.bench`: the paired statistic on hand-computed numbers, and a tiny real bench."""
+"""`gradience.mechanic.bench`: the paired statistic on hand-computed numbers, and a tiny real bench."""
 
 from __future__ import annotations
 
@@ -8,7 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from gradience.bench import (
+from gradience.demo import DemoConfig
+from gradience.errors import UsageError
+from gradience.mechanic.bench import (
     SCOPE_NOTE,
     BenchConfig,
     PairedStat,
@@ -17,8 +19,6 @@ from gradience.bench import (
     t_quantile_975,
     verdict,
 )
-from gradience.demo import DemoConfig
-from gradience.errors import UsageError
 from tests.test_demo import needs_training
 
 # --- the statistic ---------------------------------------------------------------------------

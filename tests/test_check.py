@@ -1,4 +1,4 @@
-"""`gradience.check`: every rule with a config that triggers it and one that does not."""
+"""`gradience.preflight.check`: every rule with a config that triggers it and one that does not."""
 
 from __future__ import annotations
 
@@ -10,8 +10,9 @@ from typing import Any
 
 import pytest
 
-from gradience.check import HEURISTICS_NOTE, CheckReport, check, format_number
-from gradience.check_profiles import (
+from gradience.errors import AdapterError, UnsupportedAdapterError, UsageError
+from gradience.preflight.check import HEURISTICS_NOTE, CheckReport, check, format_number
+from gradience.preflight.profiles import (
     MODEL_NAMING,
     PROFILES,
     ModelInfo,
@@ -20,7 +21,6 @@ from gradience.check_profiles import (
     module_names,
     resolve_profile,
 )
-from gradience.errors import AdapterError, UnsupportedAdapterError, UsageError
 
 LLAMA_ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 # A clean config per profile: each produces no finding, so any finding below comes from the override.
@@ -558,7 +558,7 @@ def test_naming_table_matches_real_transformers_models(model_type: str) -> None:
 
 
 def test_check_path_does_not_import_torch() -> None:
-    code = ("import sys, gradience.check, gradience.cli.check, gradience.cli; "
+    code = ("import sys, gradience.preflight.check, gradience.cli.check, gradience.cli; "
             "assert 'torch' not in sys.modules and 'transformers' not in sys.modules, 'torch imported'")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False)
     assert proc.returncode == 0, proc.stderr

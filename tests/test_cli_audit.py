@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from gradience.audit import HYPOTHESIS_NOTE, audit
+from gradience.mechanic.audit import HYPOTHESIS_NOTE, audit
 from tests.cli_helpers import assert_one_error_line as _assert_one_error_line
 from tests.factories import PREFIX, AdapterSpec, ModuleSpec, expected_metrics, write_adapter
 

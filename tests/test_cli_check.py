@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from gradience.check import HEURISTICS_NOTE, check
+from gradience.preflight.check import HEURISTICS_NOTE, check
 from tests.cli_helpers import assert_one_error_line as _one_error_line
 
 GRADIENCE = str(Path(sys.executable).parent / "gradience")

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from gradience.monitor import monitor
+from gradience.runlog.monitor import monitor
 from gradience.telemetry import RunWriter, append_record_atomic
 from tests.cli_helpers import assert_one_error_line as _assert_one_error_line
 from tests.test_monitor import write_run

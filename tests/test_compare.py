@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from gradience.compare import compare
 from gradience.errors import AdapterError, UnsupportedAdapterError, UsageError
-from gradience.merge import merge
+from gradience.mechanic.compare import compare
+from gradience.mechanic.merge import merge
 from tests.factories import PREFIX, AdapterSpec, ModuleSpec, write_adapter
 
 torch = pytest.importorskip("torch")

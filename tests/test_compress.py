@@ -15,12 +15,12 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from gradience.adapter import Adapter, pattern_key
-from gradience.adapter_writer import exact_pattern_keys, write_safetensors
-from gradience.audit import audit
-from gradience.compress import budget_ranks, compress
 from gradience.errors import UnsupportedAdapterError, UsageError
-from gradience.tensorfile import TensorFile
+from gradience.lora.reader import Adapter, pattern_key
+from gradience.lora.safetensors_file import TensorFile
+from gradience.lora.writer import exact_pattern_keys, write_safetensors
+from gradience.mechanic.audit import audit
+from gradience.mechanic.compress import budget_ranks, compress
 from tests.factories import AdapterSpec, ModuleSpec, write_adapter
 
 torch = pytest.importorskip("torch")

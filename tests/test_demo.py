@@ -224,7 +224,7 @@ def test_tiny_run_writes_adapter_and_training_json(tiny_run: tuple[DemoResult, A
 
 @needs_training
 def test_check_finds_the_base_model_config_and_its_targets(tiny_run: tuple[DemoResult, Any]) -> None:
-    from gradience.check import check
+    from gradience.preflight.check import check
 
     result, _ = tiny_run
     assert json.loads((result.training_dir / "config.json").read_text())["model_type"] == "bert"

@@ -23,8 +23,9 @@ pytest.importorskip("peft")
 if not torch.distributed.is_available():  # pragma: no cover - torch builds without distributed
     pytest.skip("torch.distributed is not available in this torch build", allow_module_level=True)
 
-from gradience.audit import audit  # noqa: E402
-from gradience.integrations.snapshot import _canonical, any_rank  # noqa: E402
+from gradience.integrations.distributed import any_rank  # noqa: E402
+from gradience.integrations.snapshot import _canonical  # noqa: E402
+from gradience.mechanic.audit import audit  # noqa: E402
 from gradience.telemetry import iter_records  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from gradience.explain import explain
-from gradience.policies import POLICIES
+from gradience.mechanic.explain import explain
+from gradience.mechanic.policies import POLICIES
 from tests.factories import PREFIX, AdapterSpec, ModuleSpec, write_adapter
 
 GRADIENCE = str(Path(sys.executable).parent / "gradience")

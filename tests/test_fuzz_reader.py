@@ -22,8 +22,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gradience.audit import AuditReport, audit
 from gradience.errors import GradienceError
+from gradience.mechanic.audit import AuditReport, audit
 from tests.factories import AdapterSpec, ModuleSpec, write_adapter
 
 MAX_PEAK = 32 * 2**20  # the adapter is ~10 kB; anything near this is a size taken on trust

@@ -14,8 +14,8 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
-from gradience.audit import audit  # noqa: E402
 from gradience.integrations import snapshot as snapshot_mod  # noqa: E402
+from gradience.mechanic.audit import audit  # noqa: E402
 from gradience.telemetry import iter_records, validate_record  # noqa: E402
 from gradience_hf import GradienceCallback, split_eval_metrics  # noqa: E402
 from tests.tiny_trainer import Tokens as _Tokens  # noqa: E402

@@ -10,10 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from gradience.adapter import Adapter, parse_lora_key
-from gradience.adapter_writer import write_safetensors
-from gradience.audit import audit
 from gradience.errors import AdapterError, UnsupportedAdapterError, UsageError
+from gradience.lora.reader import Adapter, parse_lora_key
+from gradience.lora.writer import write_safetensors
+from gradience.mechanic.audit import audit
 from tests.factories import expected_metrics, factors
 
 GRADIENCE = str(Path(sys.executable).parent / "gradience")

@@ -1,4 +1,4 @@
-"""Tests for gradience.monitor: run summaries from logs built with `RunWriter`."""
+"""Tests for gradience.runlog.monitor: run summaries from logs built with `RunWriter`."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ from typing import Any
 import pytest
 
 from gradience.errors import TelemetryError, UsageError
-from gradience.monitor import monitor
-from gradience.monitor_report import (
+from gradience.runlog.monitor import monitor
+from gradience.runlog.monitor_report import (
     GAP_THRESHOLD,
     MAX_KEPT,
     STRUCTURAL_KEYS,

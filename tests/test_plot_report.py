@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 
 from gradience.errors import MissingDependencyError
-from gradience.monitor import monitor
-from gradience.plot import png_size, read_curves
+from gradience.runlog.monitor import monitor
+from gradience.runlog.plot import png_size, read_curves
 from gradience.telemetry import RunWriter
 from tests.cli_helpers import assert_one_error_line as _one_error_line
 from tests.test_monitor import write_run
@@ -129,12 +129,12 @@ def test_missing_matplotlib_is_one_line(run_log: Path) -> None:
 
 
 def test_the_core_does_not_import_matplotlib(run_log: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    code = ("import sys, gradience, gradience.plot, gradience.report_html, gradience.cli; "
+    code = ("import sys, gradience, gradience.runlog.plot, gradience.runlog.report_html, gradience.cli; "
             "gradience.cli.build_parser(); print('matplotlib' in sys.modules)")  # fmt: skip
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           timeout=120, check=False)  # fmt: skip
     assert proc.stdout.strip() == "False", proc.stderr
-    from gradience.plot import plot_run
+    from gradience.runlog.plot import plot_run
 
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     with pytest.raises(MissingDependencyError, match=r"gradience\[plot\]"):

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gradience.policies import (
+from gradience.mechanic.policies import (
     POLICIES,
     effective_rank,
     energy,

@@ -20,8 +20,8 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from gradience.adapter import pattern_key
 from gradience.errors import TelemetryError
+from gradience.lora.reader import pattern_key
 from gradience.spectrum import core_singular_values
 from gradience.telemetry import ENVELOPE_FIELDS, SCHEMA, ReadProblems, iter_records
 
@@ -256,7 +256,7 @@ def test_crlf_and_padded_lines_are_records(tmp_path: Path) -> None:
 def test_an_integer_beyond_float_range_is_not_a_number(tmp_path: Path) -> None:
     # Python's json reads `1000...0` (400 digits) as an exact int; float() of it overflows.
     from gradience.analysis.align import load_run
-    from gradience.monitor import monitor
+    from gradience.runlog.monitor import monitor
 
     env = {"schema": SCHEMA, "ts": 1.0, "run_id": "r"}
     huge = 10**400

@@ -37,3 +37,18 @@ def test_golden_path_commands_parse() -> None:
     for line in golden.splitlines():
         if line.startswith("gradience "):
             parser.parse_args(line.split()[1:])
+
+
+def test_every_function_in_the_api_table_is_reachable_from_the_package() -> None:
+    import importlib
+
+    import gradience
+
+    rows = re.findall(r"\| `gradience \w+` \| `gradience\.(\w+)` \(`(gradience[\w.]*)`\)", README)
+    assert len(rows) >= 10, rows
+    for name, module in rows:
+        # Importing the defining module first must not shadow the function (no name clash).
+        importlib.import_module(module)
+        func = getattr(gradience, name)
+        assert callable(func) and func.__name__ == name, (name, func)
+        assert func is getattr(importlib.import_module(module), name)

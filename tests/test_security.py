@@ -50,7 +50,7 @@ def evil_bin(tmp_path: Path) -> tuple[Path, Path]:
 
 
 def test_malicious_bin_is_refused_and_never_runs(evil_bin: tuple[Path, Path]) -> None:
-    from gradience.tensorfile import TensorFile
+    from gradience.lora.safetensors_file import TensorFile
 
     path, marker = evil_bin
     with pytest.raises(AdapterError, match="weights_only"):
@@ -60,7 +60,7 @@ def test_malicious_bin_is_refused_and_never_runs(evil_bin: tuple[Path, Path]) ->
 
 def test_malicious_raw_pickle_named_bin_is_refused(tmp_path: Path) -> None:
     pytest.importorskip("torch")
-    from gradience.tensorfile import TensorFile
+    from gradience.lora.safetensors_file import TensorFile
 
     marker = tmp_path / "marker.txt"
     path = tmp_path / "adapter_model.bin"
@@ -71,7 +71,7 @@ def test_malicious_raw_pickle_named_bin_is_refused(tmp_path: Path) -> None:
 
 
 def test_malicious_bin_in_an_adapter_folder_is_refused_by_audit(evil_bin: tuple[Path, Path]) -> None:
-    from gradience.audit import audit
+    from gradience.mechanic.audit import audit
 
     path, marker = evil_bin
     config = {"peft_type": "LORA", "r": 2, "lora_alpha": 2, "target_modules": ["q"]}

@@ -14,7 +14,7 @@ import pytest
 from safetensors.numpy import save_file as save_numpy
 
 from gradience.errors import AdapterError, UsageError
-from gradience.tensorfile import TensorFile
+from gradience.lora.safetensors_file import TensorFile
 
 torch = pytest.importorskip("torch")
 from safetensors.torch import save_file as save_torch  # noqa: E402

@@ -14,7 +14,7 @@ Lag convention: a positive lag means structure LEADS eval loss (see `correlation
 
 from __future__ import annotations
 
-from gradience.analysis.aggregate import Aggregate, MetricAggregate, aggregate_runs
+from gradience.analysis.aggregate import aggregate_runs
 from gradience.analysis.align import (
     Aligned,
     Cadence,
@@ -55,16 +55,17 @@ from gradience.analysis.forecast import (
     ridge_forecast,
 )
 from gradience.analysis.granger import Granger, GrangerTest, granger, granger_test
-from gradience.analysis.report import (
+from gradience.analysis.report import analyze, analyze_run
+from gradience.analysis.results import (
     DEFAULT_METRICS,
     MIN_LAG_POINTS,
     NOT_PREDICTION,
+    Aggregate,
     AnalysisReport,
     Forecast,
+    MetricAggregate,
     Pair,
     RunAnalysis,
-    analyze,
-    analyze_run,
 )
 
 __all__ = [

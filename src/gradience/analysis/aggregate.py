@@ -9,47 +9,13 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from gradience.analysis._finite import fin
 from gradience.analysis.early_stop import StopOutcome
-
-if TYPE_CHECKING:
-    from gradience.analysis.report import RunAnalysis
-
-
-@dataclass(frozen=True)
-class MetricAggregate:
-    """One metric across runs: spread of r and whether the runs agree on the best lag."""
-
-    metric: str
-    runs: int  # runs with a defined Pearson r
-    pearson_r_mean: float | None
-    pearson_r_sd: float | None
-    spearman_r_mean: float | None
-    spearman_r_sd: float | None
-    best_lags: tuple[int | None, ...]  # per run, in input order; None = refused/undefined
-    modal_best_lag: int | None
-    lag_agreement: float | None  # share of runs with a lag whose lag is the modal one
-    refused_runs: int
-
-
-@dataclass(frozen=True)
-class Aggregate:
-    """Across runs (seeds): per-metric spread, forecast R² and early-stop regret."""
-
-    n_runs: int
-    metrics: tuple[MetricAggregate, ...]
-    nowcast_r2_mean: float | None
-    nowcast_r2_sd: float | None
-    persistence_r2_mean: float | None
-    early_stop: tuple[dict[str, Any], ...] = field(default_factory=tuple)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+from gradience.analysis.results import Aggregate, MetricAggregate, RunAnalysis
 
 
 def _mean_sd(values: Sequence[float | None]) -> tuple[float | None, float | None]:

@@ -6,13 +6,13 @@ import argparse
 from typing import Any
 
 from gradience.analysis.correlation import BASES
-from gradience.analysis.report import (
+from gradience.analysis.report import analyze
+from gradience.analysis.results import (
     DEFAULT_METRICS,
     NOT_PREDICTION,
     AnalysisReport,
     Pair,
     RunAnalysis,
-    analyze,
 )
 from gradience.cli._output import emit_json, header, num, pct
 

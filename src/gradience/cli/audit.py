@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from gradience.audit import AuditReport, audit
 from gradience.cli._output import emit_json, header, human_count, num, pct
+from gradience.mechanic.audit import AuditReport, audit
 
 
 def register(sub: Any) -> None:
@@ -69,7 +69,7 @@ def run_recursive(args: argparse.Namespace) -> int:
     import json
     import sys
 
-    from gradience.audit_many import AdapterResult, audit_many
+    from gradience.mechanic.audit_many import AdapterResult, audit_many
 
     def progress(k: int, n: int, result: AdapterResult) -> None:
         print(f"[{k}/{n}] {result.path}{'' if result.ok else ' FAILED'}", file=sys.stderr, flush=True)

@@ -5,10 +5,10 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from gradience.bench import BenchConfig, render_markdown, run_bench
 from gradience.cli._output import emit_json, hint
-from gradience.compress import AUDIT_POLICIES
 from gradience.demo.train import DemoConfig
+from gradience.mechanic.bench import BenchConfig, render_markdown, run_bench
+from gradience.mechanic.compress import AUDIT_POLICIES
 
 
 def register(sub: Any) -> None:

@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from gradience.check import SEVERITIES, CheckReport, Finding, check, format_number
-from gradience.check_profiles import PROFILES
 from gradience.cli._output import emit_json, header
+from gradience.preflight.check import SEVERITIES, CheckReport, Finding, check, format_number
+from gradience.preflight.profiles import PROFILES
 
 _TITLES = {"error": "Errors", "warning": "Warnings", "info": "Info"}
 

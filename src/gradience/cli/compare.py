@@ -6,7 +6,7 @@ import argparse
 from typing import Any
 
 from gradience.cli._output import emit_json, header, num
-from gradience.compare import CompareReport, compare
+from gradience.mechanic.compare import CompareReport, compare
 
 
 def register(sub: Any) -> None:

@@ -6,8 +6,8 @@ import argparse
 from typing import Any
 
 from gradience.cli._output import emit_json, header, human_count, num, pct
-from gradience.compress import AUDIT_POLICIES, CompressReport, Verification, compress
-from gradience.policies import POLICIES
+from gradience.mechanic.compress import AUDIT_POLICIES, CompressReport, Verification, compress
+from gradience.mechanic.policies import POLICIES
 
 
 def register(sub: Any) -> None:

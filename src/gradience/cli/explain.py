@@ -6,7 +6,7 @@ import argparse
 from typing import Any
 
 from gradience.cli._output import emit_json, header, num, pct
-from gradience.explain import Explanation, explain
+from gradience.mechanic.explain import Explanation, explain
 
 
 def register(sub: Any) -> None:

@@ -6,7 +6,7 @@ import argparse
 from typing import Any
 
 from gradience.cli._output import emit_json, header, human_count
-from gradience.merge import METHODS, MergeReport, merge
+from gradience.mechanic.merge import METHODS, MergeReport, merge
 
 
 def register(sub: Any) -> None:

@@ -6,8 +6,8 @@ import argparse
 from typing import Any
 
 from gradience.cli._output import emit_json, header, human_count, num, pct
-from gradience.monitor import monitor
-from gradience.monitor_report import (
+from gradience.runlog.monitor import monitor
+from gradience.runlog.monitor_report import (
     CHANCE_MARGIN,
     FLAT_THRESHOLD,
     GAP_THRESHOLD,

@@ -6,7 +6,7 @@ import argparse
 from typing import Any
 
 from gradience.cli._output import emit_json, hint
-from gradience.plot import PLOT_METRICS, PlotResult, plot_run
+from gradience.runlog.plot import PLOT_METRICS, PlotResult, plot_run
 
 
 def register(sub: Any) -> None:

@@ -6,7 +6,7 @@ import argparse
 from typing import Any
 
 from gradience.cli._output import emit_json, hint
-from gradience.report_html import build_report
+from gradience.runlog.report_html import build_report
 
 
 def register(sub: Any) -> None:

@@ -15,11 +15,11 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from gradience.adapter import Adapter
 from gradience.demo.data import locate_corpus
 from gradience.demo.model import MODEL_PACKAGE, locate_model_dir
 from gradience.demo.train import DemoConfig, evaluate_adapter
 from gradience.errors import UsageError, require
+from gradience.lora.reader import Adapter
 
 __all__ = ["DemoEvaluator", "demo_evaluator"]
 
@@ -70,7 +70,7 @@ def demo_evaluator(peft_dir: str | Path, device: str = "cpu") -> DemoEvaluator:
         UsageError: the adapter is not a two-class SEQ_CLS LoRA on all-MiniLM-L6-v2.
 
     Example:
-        >>> from gradience.compress import compress
+        >>> from gradience.mechanic.compress import compress
         >>> fn = demo_evaluator("runs/toy/peft")                                   # doctest: +SKIP
         >>> compress("runs/toy/peft", "/tmp/c", policy="p90", verify=fn).verify.delta  # doctest: +SKIP
         {'accuracy': -0.0033, 'loss': 0.0021}

@@ -19,14 +19,13 @@ torch, transformers and peft are imported inside the functions that need them.
 from __future__ import annotations
 
 import contextlib
-import json
-import math
 import os
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from gradience._io import write_json
 from gradience.demo.config import DEFAULT_TARGET_MODULES, DemoConfig, DemoResult
 from gradience.demo.data import majority_rate, split_reviews
 from gradience.demo.model import load_classifier, quiet_transformers
@@ -119,12 +118,12 @@ def train_demo(
         metrics=final,
     )
     training_dir.mkdir(parents=True, exist_ok=True)
-    _write_json(training_dir / "training_args.json", trainer.args.to_dict())
-    _write_json(training_dir / "demo_config.json", config.to_dict())
-    _write_json(training_dir / "log_history.json", trainer.state.log_history)
-    _write_json(training_dir / "result.json", result.to_dict())
+    write_json(training_dir / "training_args.json", trainer.args.to_dict())
+    write_json(training_dir / "demo_config.json", config.to_dict())
+    write_json(training_dir / "log_history.json", trainer.state.log_history)
+    write_json(training_dir / "result.json", result.to_dict())
     # The base model's own config, so `gradience check` can confirm the targets exist in it.
-    _write_json(training_dir / "config.json", trainer.model.base_model.model.config.to_dict())
+    write_json(training_dir / "config.json", trainer.model.base_model.model.config.to_dict())
     return result
 
 
@@ -319,22 +318,3 @@ def _torch_threads(config: DemoConfig) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(before)
-
-
-def _write_json(path: Path, payload: Any) -> None:
-    path.write_text(
-        json.dumps(_json_safe(payload), indent=2, sort_keys=True) + "\n", encoding="utf-8"
-    )
-
-
-def _json_safe(value: Any) -> Any:
-    """Strict JSON: non-finite floats become None, unknown objects their `str`."""
-    if isinstance(value, Mapping):
-        return {str(k): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple, set)):
-        return [_json_safe(v) for v in value]
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if value is None or isinstance(value, (bool, int, str)):
-        return value
-    return str(value)

@@ -4,9 +4,9 @@ agreement across ranks, and the set-ups the guard refuses (and says so).
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
+from gradience.integrations.distributed import agree, is_sharded
 from gradience.integrations.guard import Guard, GuardConfig
 
 
@@ -44,22 +44,6 @@ class GradNormTap:
         self._handles = []
 
 
-def agree(value: float | None) -> float | None:
-    """The max of `value` over the ranks (a non-finite value wins), so all decide alike."""
-    import torch
-
-    dist = torch.distributed
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
-        return value
-    from gradience.integrations.snapshot import _collective_device
-
-    local = -1.0 if value is None else (value if math.isfinite(value) else math.inf)
-    t = torch.tensor([local], dtype=torch.float64, device=_collective_device())
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    got = float(t.item())
-    return None if got < 0 else got
-
-
 class TrainerGuard:
     """`Guard` driven by Trainer callback hooks: `begin` on the first step, `after_optimizer_step`."""
 
@@ -95,7 +79,6 @@ class TrainerGuard:
 
 
 def _unsupported(args: Any, model: Any, optimizer: Any) -> str | None:
-    from gradience.integrations.snapshot import is_sharded
 
     if optimizer is None or model is None:
         return "the Trainer passed no optimizer or model to the callback"

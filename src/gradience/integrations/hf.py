@@ -274,7 +274,7 @@ class GradienceCallback(TrainerCallback):
 
     def _agree(self, flag: bool) -> bool:
         """A Trainer eval is collective, but only rank 0 sees the snapshots: OR over ranks."""
-        from gradience.integrations.snapshot import any_rank
+        from gradience.integrations.distributed import any_rank
 
         return any_rank(flag, self._recorder.model, always=True)
 

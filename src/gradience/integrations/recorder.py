@@ -193,7 +193,8 @@ class Recorder:
         """
         if self.model is None or self.last_snapshot_step == step:
             return None
-        from gradience.integrations.snapshot import any_rank, take_snapshot
+        from gradience.integrations.distributed import any_rank
+        from gradience.integrations.snapshot import take_snapshot
 
         # Only rank 0 computes, so only it sees some failures; if it alone skipped a gather
         # the others joined, they would hang. So the step is spent even when the snapshot

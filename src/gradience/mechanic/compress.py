@@ -12,7 +12,7 @@ rsLoRA) at the new rank, as if it had been trained at rank k. The new factors ab
 A' = diag(√(σ/s')) Vtₖ and B' = Uₖ diag(√(σ/s')), so s' · B' · A' is the truncated update.
 Ranks and alphas are written as `rank_pattern` / `alpha_pattern` keyed by full module path.
 
-The written adapter goes through `gradience.adapter_writer` (shared with `gradience.merge`).
+The written adapter goes through `gradience.lora.writer` (shared with `gradience.mechanic.merge`).
 With `verify=eval_fn`, the input and output adapters are both scored by the caller's eval,
 so the closed-form errors come with a measured before/after (`CompressReport.verify`).
 """
@@ -29,8 +29,9 @@ from typing import Any
 
 import numpy as np
 
-from gradience.adapter import Adapter, LoraModule
-from gradience.adapter_writer import (
+from gradience.errors import AdapterError, UnsupportedAdapterError, UsageError
+from gradience.lora.reader import Adapter, LoraModule
+from gradience.lora.writer import (
     exact_pattern_keys,
     factored_distance,
     from_stored,
@@ -42,10 +43,9 @@ from gradience.adapter_writer import (
     split_factors,
     to_stored,
 )
-from gradience.audit import AuditReport, ModuleAudit, audit
-from gradience.errors import AdapterError, UnsupportedAdapterError, UsageError
-from gradience.policies import POLICIES
-from gradience.policies import energy as energy_policy
+from gradience.mechanic.audit import AuditReport, ModuleAudit, audit
+from gradience.mechanic.policies import POLICIES
+from gradience.mechanic.policies import energy as energy_policy
 from gradience.spectrum import FLOAT32_EPS, core_svd
 
 AUDIT_POLICIES = ("median", "p90", "per-module")
@@ -131,7 +131,7 @@ def compress(
         rank: keep min(rank, r) directions in every module.
         energy: keep each module's smallest k holding this fraction of Σσ².
         policy: `median` / `p90` (the audit's uniform suggestions), `per-module` (its
-            rank_pattern), or a rank policy of `gradience.policies.POLICIES`.
+            rank_pattern), or a rank policy of `gradience.mechanic.policies.POLICIES`.
         budget_params: keep at most this many LoRA parameters, spent greedily on the rank
             increments with the most energy σ² per parameter (in + out) across modules.
         force: overwrite an adapter already in `out_dir`.

@@ -1,7 +1,7 @@
 """Merging two LoRA adapters into one PEFT adapter for w₁ΔW₁ + w₂ΔW₂, on low-rank factors.
 
 `merge(a, b, out_dir, weights, method)` matches modules by path (a module in one adapter only
-counts 0 in the other) and writes through `gradience.adapter_writer`; see its docstring for
+counts 0 in the other) and writes through `gradience.lora.writer`; see its docstring for
 what each method (`linear`, `svd`, `ties`, `dare`) does. Nothing out×in is formed.
 """
 
@@ -15,8 +15,9 @@ from typing import Any
 
 import numpy as np
 
-from gradience.adapter import Adapter, LoraModule
-from gradience.adapter_writer import (
+from gradience.errors import AdapterError, UsageError
+from gradience.lora.reader import Adapter, LoraModule
+from gradience.lora.writer import (
     exact_pattern_keys,
     factored_distance,
     from_stored,
@@ -28,8 +29,7 @@ from gradience.adapter_writer import (
     split_factors,
     to_stored,
 )
-from gradience.compare import load_modules
-from gradience.errors import AdapterError, UsageError
+from gradience.mechanic.compare import load_modules
 from gradience.spectrum import FLOAT32_EPS, core_singular_values, core_svd
 
 METHODS = ("linear", "svd", "ties", "dare")

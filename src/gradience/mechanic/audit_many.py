@@ -20,9 +20,9 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from gradience.adapter import CONFIG_NAME
-from gradience.audit import AuditReport, audit
 from gradience.errors import GradienceError, UsageError
+from gradience.lora.reader import CONFIG_NAME
+from gradience.mechanic.audit import AuditReport, audit
 from gradience.naming import natural_key
 
 _BLAS_VARS = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")

@@ -7,7 +7,7 @@ this module only lays their results out. A section that cannot be computed (no e
 for the analysis, scipy absent) says why in its place instead of failing the report; the
 plot cannot be left out, so a log without structural records is an error.
 
-    from gradience.report_html import build_report
+    from gradience.runlog.report_html import build_report
 
     result = build_report("runs/toy/run.jsonl", "runs/toy/report.html")
     print(result.out, result.sections)
@@ -25,9 +25,9 @@ from typing import Any
 
 from gradience import __version__
 from gradience.errors import GradienceError, require
-from gradience.monitor import monitor
-from gradience.monitor_report import MonitorReport
-from gradience.plot import (
+from gradience.runlog.monitor import monitor
+from gradience.runlog.monitor_report import MonitorReport
+from gradience.runlog.plot import (
     PLOT_METRICS,
     default_out,
     read_curves,

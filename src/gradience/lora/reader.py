@@ -1,6 +1,6 @@
 """Reading a saved LoRA adapter as the library that trained it would apply it.
 
-The one home of LoRA config semantics, over the two key grammars of `gradience.lora_keys`. `peft` (a
+The one home of LoRA config semantics, over the two key grammars of `gradience.lora.keys`. `peft` (a
 folder): settings from `adapter_config.json`, per-module r / alpha from `rank_pattern` /
 `alpha_pattern` (PEFT's matching rule), rsLoRA, `fan_in_fan_out`, embedding LoRA, DoRA,
 adapter-name infixes. `kohya` (one safetensors file from kohya-ss or diffusers):
@@ -23,16 +23,16 @@ from typing import Any
 import numpy as np
 
 from gradience.errors import AdapterError, UnsupportedAdapterError, UsageError
-from gradience.lora_keys import FOREIGN_PARTS, PART_LABELS
-from gradience.lora_keys import FORMATS as FORMATS
-from gradience.lora_keys import SAVED_PREFIX as SAVED_PREFIX
-from gradience.lora_keys import detect_format as detect_format
-from gradience.lora_keys import parse_lora_key as parse_lora_key
-from gradience.lora_keys import pattern_key as pattern_key
+from gradience.lora.keys import FOREIGN_PARTS, PART_LABELS
+from gradience.lora.keys import FORMATS as FORMATS
+from gradience.lora.keys import SAVED_PREFIX as SAVED_PREFIX
+from gradience.lora.keys import detect_format as detect_format
+from gradience.lora.keys import parse_lora_key as parse_lora_key
+from gradience.lora.keys import pattern_key as pattern_key
+from gradience.lora.safetensors_file import TensorFile
 from gradience.naming import layer_index as layer_index
 from gradience.naming import module_type as module_type
 from gradience.naming import natural_key
-from gradience.tensorfile import TensorFile
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHT_NAMES = ("adapter_model.safetensors", "adapter_model.bin")

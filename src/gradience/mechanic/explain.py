@@ -2,7 +2,7 @@
 
 `explain(audit_json, module)` takes the output of `gradience audit --json --layers` and one
 module name and returns an `Explanation`: the module's spectrum and energy curve, its k@q,
-stable rank and utilization, the rank every registered policy (`gradience.policies`) gives
+stable rank and utilization, the rank every registered policy (`gradience.mechanic.policies`) gives
 its singular values, how the grid rounding of the uniform suggestions treats it, and how it
 compares with the adapter's median module. Nothing is recomputed from weights: the singular
 values in the audit are the QR core's, so every number here agrees with the audit.
@@ -19,10 +19,10 @@ from typing import Any
 
 import numpy as np
 
-from gradience.audit import round_up
 from gradience.errors import AuditFileError, UsageError
-from gradience.policies import POLICIES
-from gradience.policies import energy as energy_policy
+from gradience.mechanic.audit import round_up
+from gradience.mechanic.policies import POLICIES
+from gradience.mechanic.policies import energy as energy_policy
 
 _REQUIRED = ("name", "shape", "r", "status", "singular_values")
 _COMPARED = ("energy_rank", "stable_rank", "utilization", "frobenius_norm", "sigma_max", "rel_spectral")

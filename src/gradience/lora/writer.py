@@ -9,23 +9,22 @@ cannot write).
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
-import os
 import re
 import struct
 from collections import Counter
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, BinaryIO, TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 
-from gradience.adapter import CONFIG_NAME, WEIGHT_NAMES, Adapter, parse_lora_key, pattern_key
+from gradience._io import atomic_open, replace_atomic
 from gradience.errors import AdapterError, UsageError
+from gradience.lora.reader import CONFIG_NAME, WEIGHT_NAMES, Adapter, parse_lora_key, pattern_key
+from gradience.lora.safetensors_file import safetensors_dtype_names
 from gradience.spectrum import core_singular_values
-from gradience.tensorfile import safetensors_dtype_names
 
 V = TypeVar("V")
 
@@ -167,27 +166,3 @@ def write_safetensors(path: Path, tensors: Mapping[str, np.ndarray]) -> None:
         fh.write(head)
         for n in order:
             fh.write(arrays[n].reshape(-1).view(np.uint8).data)
-
-
-def replace_atomic(path: Path, data: bytes) -> None:
-    """Write `data` to `path` so that a reader sees the old file or the new one, never a part."""
-    with atomic_open(path) as fh:
-        fh.write(data)
-
-
-@contextlib.contextmanager
-def atomic_open(path: Path) -> Iterator[BinaryIO]:
-    """A binary file handle on a temp file beside `path`, fsynced and moved onto it on success.
-
-    On an exception the temp file is removed and `path` is left as it was.
-    """
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as fh:
-            yield fh
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()

@@ -11,7 +11,7 @@ matplotlib (`pip install gradience[plot]`) is imported inside `render_png`; impo
 module needs numpy only. Figures are drawn on the Agg canvas directly, never through pyplot,
 so no global backend is switched and nothing opens a window.
 
-    from gradience.plot import plot_run
+    from gradience.runlog.plot import plot_run
 
     result = plot_run("runs/toy/run.jsonl", "runs/toy/run.png")
     print(result.width_px, result.height_px, result.n_evals)
@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from gradience.adapter_writer import replace_atomic
+from gradience._io import replace_atomic
 from gradience.analysis.align import Series, choose_split
 from gradience.errors import TelemetryError, UsageError, require
 from gradience.integrations.trigger import TRIGGER_KIND

@@ -9,8 +9,6 @@ hypotheses about the adapter's geometry; only an eval can confirm them.
 from __future__ import annotations
 
 import math
-import sys
-import types
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -19,9 +17,9 @@ from typing import Any
 
 import numpy as np
 
-from gradience.adapter import Adapter, LoraModule, ModuleProblem, layer_index, module_type
-from gradience.base_relative import BaseRelativeSummary, relative_sizes
 from gradience.errors import UsageError
+from gradience.lora.reader import Adapter, LoraModule, ModuleProblem, layer_index, module_type
+from gradience.mechanic.base_relative import BaseRelativeSummary, relative_sizes
 from gradience.spectrum import core_singular_values, spectrum_metrics
 
 HYPOTHESIS_NOTE = (
@@ -212,7 +210,7 @@ def audit(
         adapter_config, weights: override the files inside `peft_dir`.
         fmt: key grammar, `auto`, `peft` or `kohya` (see `Adapter.open`).
         base_model: folder of the base model's safetensors shards; adds ‖ΔW‖/‖W‖ per module
-            (`gradience.base_relative`).
+            (`gradience.mechanic.base_relative`).
         base_cache: cache file for the base weights' norms (default: a user cache dir).
         energy: energy fraction for `energy_rank` and the rank suggestions.
         top_wasteful: how many lowest-utilization modules to list.
@@ -365,14 +363,3 @@ def _warnings(adapter: Adapter, rows: list[ModuleAudit], problems: list[dict[str
     if problems:
         out.append(f"{len(problems)} module(s) could not be read; see problems")
     return out
-
-
-class _CallableModule(types.ModuleType):
-    """Once `gradience.audit` is imported as a submodule, Python binds that name on the
-    package to the module; making the module callable keeps `gradience.audit(path)` working."""
-
-    def __call__(self, *args: Any, **kwargs: Any) -> AuditReport:
-        return audit(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule

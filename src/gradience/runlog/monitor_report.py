@@ -1,6 +1,6 @@
 """What `gradience monitor` returns: the report's dataclasses, its stated thresholds, trends.
 
-Kept apart from the streaming pass in `gradience.monitor` so readers of the result (the
+Kept apart from the streaming pass in `gradience.runlog.monitor` so readers of the result (the
 CLI, the HTML report) see its shape without the machinery that fills it.
 """
 

@@ -6,14 +6,14 @@ or non-numeric value becomes None and the rule that needs it says it was skipped
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gradience.check_profiles import ModelInfo
+from gradience._io import read_json_object
 from gradience.errors import UsageError
+from gradience.preflight.profiles import ModelInfo
 
 TRAINING_ARGS_NAME = "training_args.json"  # `TrainingArguments.to_dict()` as JSON
 TRAINER_STATE_NAME = "trainer_state.json"  # a Trainer checkpoint's state: holds the run's max_steps
@@ -52,16 +52,6 @@ def locate_file(path: Path, name: str, what: str) -> Path:
     raise UsageError(f"{path}: no {what} (looked for {name}){hint}")
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise UsageError(f"{path}: cannot read as JSON ({exc})") from None
-    if not isinstance(data, dict):
-        raise UsageError(f"{path}: expected a JSON object")
-    return data
-
-
 def finite_number(value: Any, kind: type = float) -> Any:
     """`value` as `kind` when it is a finite number (not a bool or a string), else None."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
@@ -72,12 +62,12 @@ def finite_number(value: Any, kind: type = float) -> Any:
 def load_training_args(training_dir: str | Path) -> TrainingSnapshot:
     """Read a `TrainingArguments.to_dict()` snapshot; absent or non-numeric keys become None."""
     path = locate_file(Path(training_dir), TRAINING_ARGS_NAME, "training arguments snapshot")
-    args = _read_json(path)
+    args = read_json_object(path)
     ints = {k: finite_number(args.get(k), int) for k in (
         "per_device_train_batch_size", "gradient_accumulation_steps", "world_size", "max_steps", "warmup_steps")}
     total = ints["max_steps"] if (ints["max_steps"] or 0) > 0 else None
     if total is None and (path.parent / TRAINER_STATE_NAME).is_file():
-        total = finite_number(_read_json(path.parent / TRAINER_STATE_NAME).get("max_steps"), int)
+        total = finite_number(read_json_object(path.parent / TRAINER_STATE_NAME).get("max_steps"), int)
     per_device = ints["per_device_train_batch_size"]
     batch = per_device * (ints["gradient_accumulation_steps"] or 1) * (ints["world_size"] or 1) if per_device else None
     scheduler = args.get("lr_scheduler_type")
@@ -100,4 +90,4 @@ def load_model_config(model_config: str | Path | None, search: list[str | Path])
     path = next((p for p in candidates if p.is_file()), None)
     if path is None:
         return None
-    return ModelInfo.from_config(str(path), _read_json(path))
+    return ModelInfo.from_config(str(path), read_json_object(path))

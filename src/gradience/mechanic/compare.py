@@ -6,7 +6,7 @@ the cosine between the two updates as vectors and their norm ratio; for the whol
 merge dominance D = |S_A − S_B| / (S_A + S_B) and a verdict. Nothing forms an out×in matrix:
 inner products use the trace identity ⟨s₁B₁A₁, s₂B₂A₂⟩_F = s₁s₂ · tr((B₂ᵀB₁)(A₁A₂ᵀ)).
 
-Writing a merged adapter is `gradience.merge`.
+Writing a merged adapter is `gradience.mechanic.merge`.
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from gradience.adapter import Adapter, LoraModule, ModuleProblem
 from gradience.errors import AdapterError, UnsupportedAdapterError, UsageError
+from gradience.lora.reader import Adapter, LoraModule, ModuleProblem
 from gradience.spectrum import core_singular_values, core_svd, energy_rank
 
 # Verdict thresholds (stated in every report).

@@ -14,7 +14,7 @@ from collections import Counter, deque
 from typing import Any
 
 from gradience.errors import TelemetryError
-from gradience.monitor_report import (
+from gradience.runlog.monitor_report import (
     CHANCE_MARGIN,
     GAP_THRESHOLD,
     HYPOTHESIS_NOTE,

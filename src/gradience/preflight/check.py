@@ -1,9 +1,9 @@
 """Pre-flight check of a LoRA config and its training arguments against a task profile.
 
 `check(task, peft_dir, training_dir, model_config)` reads `adapter_config.json` (through
-`gradience.adapter.load_settings`), a `training_args.json` snapshot and, when at hand, the
+`gradience.lora.reader.load_settings`), a `training_args.json` snapshot and, when at hand, the
 model's `config.json`, and returns a `CheckReport` of findings. The ranges are the task
-profiles of `gradience.check_profiles`: commonly used values, so each finding is advice with
+profiles of `gradience.preflight.profiles`: commonly used values, so each finding is advice with
 its rationale, not a verdict. Only errors (values PEFT or the optimizer cannot work with)
 fail the check.
 """
@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from gradience.adapter import (
+from gradience.lora.reader import (
     CONFIG_NAME,
     SAVED_PREFIX,
     LoraSettings,
@@ -24,14 +24,14 @@ from gradience.adapter import (
     module_type,
     pattern_key,
 )
-from gradience.check_inputs import (
+from gradience.preflight.inputs import (
     TrainingSnapshot,
     finite_number,
     load_model_config,
     load_training_args,
     locate_file,
 )
-from gradience.check_profiles import (
+from gradience.preflight.profiles import (
     ModelInfo,
     Range,
     TaskProfile,

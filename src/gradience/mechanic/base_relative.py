@@ -33,11 +33,11 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from gradience.adapter import SAVED_PREFIX
-from gradience.adapter_writer import replace_atomic
+from gradience._io import replace_atomic
 from gradience.errors import AdapterError, UsageError
+from gradience.lora.reader import SAVED_PREFIX
+from gradience.lora.safetensors_file import TensorFile
 from gradience.naming import is_flat
-from gradience.tensorfile import TensorFile
 
 POWER_TOL = 1e-6  # relative change of the σ_max estimate between two steps
 POWER_MAX_ITER = 1000
@@ -261,7 +261,7 @@ def _save_cache(path: Path, fingerprint: str, base: Path, norms: Mapping[str, We
 
 
 class _Row(Protocol):
-    """What is needed of an audit row (`gradience.audit.ModuleAudit`)."""
+    """What is needed of an audit row (`gradience.mechanic.audit.ModuleAudit`)."""
 
     @property
     def name(self) -> str: ...

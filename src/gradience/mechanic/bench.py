@@ -27,11 +27,11 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from gradience.audit import audit
-from gradience.compress import AUDIT_POLICIES, compress
 from gradience.demo.evaluator import DemoEvaluator, demo_evaluator
 from gradience.demo.train import DemoConfig, train_demo
 from gradience.errors import UsageError
+from gradience.mechanic.audit import audit
+from gradience.mechanic.compress import AUDIT_POLICIES, compress
 
 __all__ = ["BenchConfig", "BenchReport", "PairedStat", "paired_difference", "render_markdown", "run_bench", "verdict"]
 

@@ -1,7 +1,7 @@
 """The grammar of LoRA state-dict keys: PEFT's and kohya/diffusers', and PEFT's pattern rule.
 
 The one place that decides which module a tensor belongs to and which factor it is; the
-reader (`gradience.adapter`), the writer and every tool go through it.
+reader (`gradience.lora.reader`), the writer and every tool go through it.
 """
 
 from __future__ import annotations
