@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 from safetensors.numpy import save_file
 
 from gradience.errors import AdapterError, UnsupportedAdapterError, UsageError
-from gradience.lora.reader import Adapter, LoraSettings, parse_lora_key, pattern_key
+from gradience.lora.reader import Adapter, LoraModule, LoraSettings, parse_lora_key, pattern_key
 from gradience.mechanic.audit import audit
 from tests.factories import AdapterSpec, ModuleSpec, write_adapter
 
@@ -133,6 +133,9 @@ def test_pattern_key_tolerates_a_key_that_is_not_a_regex() -> None:
         ("x.lora_magnitude_vector.default.weight", ("x", "lora_magnitude_vector", "default")),
         ("x.lora_A.weight", ("x", "lora_A", None)),  # no saved prefix
         ("model.lora_A_proj.lora_A.weight", ("model.lora_A_proj", "lora_A", None)),
+        # lora_bias=True: lora_B's bias, which PEFT adds as scale · b (not an adapter name)
+        ("x.lora_B.bias", ("x", "lora_B.bias", None)),
+        ("x.lora_B.default.bias", ("x", "lora_B.bias", "default")),
     ],
 )
 def test_parse_lora_key_lora_keys(key: str, expected: tuple[str, str, str | None]) -> None:
@@ -148,8 +151,7 @@ def test_parse_lora_key_lora_keys(key: str, expected: tuple[str, str, str | None
         "x.lora_Ax.weight",
         "lora_A.weight",  # no module path
         "x.lora_A.default.extra.weight",
-        "x.lora_B.bias",  # lora_bias=True: an output bias, not a factor and not an adapter name
-        "x.lora_B.default.bias",
+        "x.lora_A.bias",  # PEFT's lora_A has no bias
     ],
 )
 def test_parse_lora_key_non_lora_keys(key: str) -> None:
@@ -295,9 +297,11 @@ def test_lora_bias_is_not_mistaken_for_an_adapter_name(tmp_path: Path) -> None:
     peft_model = _save_peft(_tiny_llama(), config, tmp_path / "bias")
     adapter = Adapter.open(tmp_path / "bias")
     assert adapter.module_names == ["model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj"]
-    assert sorted(adapter.other_tensors) == [
-        f"{SAVED_PREFIX}model.layers.{i}.self_attn.q_proj.lora_B.bias" for i in (0, 1)
-    ]
+    assert adapter.other_tensors == []  # closed world: the bias belongs to its module
+    for module in adapter.modules():
+        assert isinstance(module, LoraModule) and module.lora_bias is not None
+        layer = peft_model.get_submodule(f"base_model.model.{module.name}")
+        np.testing.assert_array_equal(module.lora_bias, layer.lora_B["default"].bias.detach().numpy())
     report = audit(tmp_path / "bias")
     assert report.problems == ()
     _assert_matches_peft(report, peft_model)

@@ -13,16 +13,20 @@ SAVED_PREFIX = "base_model.model."  # what PeftModel.save_pretrained puts before
 LORA_PARTS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
 # Key fragments of PEFT methods that are not LoRA: their tensors are not B·A products.
 FOREIGN_PARTS = {
-    "hada_w1_a": "LoHa", "lokr_w1": "LoKr", "vera_lambda_b": "VeRA", "ia3_l": "IA3",
+    "hada_": "LoHa", "lokr_": "LoKr", "vera_lambda_b": "VeRA", "ia3_l": "IA3",
     "lora_E": "AdaLoRA", "oft_r": "OFT", "boft_R": "BOFT",
 }
 _KEY_RE = re.compile(r"^(?P<module>.+?)\.(?P<part>" + "|".join(LORA_PARTS) + r")(?P<rest>(\.[^.]+)*)$")
 FORMATS = ("peft", "kohya")
 # kohya / diffusers single files; every spelling maps to PEFT's part names (down = A, up = B).
 _KOHYA_RE = re.compile(
-    r"^(?P<module>.+?)(?:(?P<part>[._]lora[._](?:down|up)|\.lora_linear_layer\.(?:down|up)|\.lora_[AB])\.weight"
-    r"|\.(?P<alpha>alpha))$"
+    r"^(?P<module>.+?)(?:(?P<part>[._]lora[._](?:down|up|mid)|\.lora_linear_layer\.(?:down|up)|\.lora_[AB])\.weight"
+    r"|\.(?P<alpha>alpha|dora_scale))$"
 )
+# Tensors a module may carry beside its LoRA parts that are copies of base weights (saved
+# embedding layers, modules_to_save): listed as other tensors, never read as factors.
+BASE_COPY_SUFFIXES = ("weight", "bias")
+BASE_COPY_PREFIXES = ("base_layer.", "modules_to_save.", "original_module.")
 _KOHYA_SPECIFIC = re.compile(r"\.lora_(?:down|up)\.|[._]lora\.(?:down|up)\.|\.lora_linear_layer\.(?:down|up)\.")
 PART_LABELS = {"peft": ("lora_A", "lora_B"), "kohya": ("lora_down", "lora_up")}
 
@@ -40,6 +44,20 @@ def pattern_key(pattern_keys: Iterable[str], module_name: str) -> str | None:
         except re.error:
             if module_name == key or module_name.endswith("." + key):
                 return key
+    return None
+
+
+def matching_pattern_keys(pattern_keys: Iterable[str], module_name: str) -> list[str]:
+    """Every pattern key that matches `module_name` under PEFT's rule, in the given order."""
+    return [k for k in pattern_keys if pattern_key([k], module_name) is not None]
+
+
+def invalid_pattern_key(key: str) -> str | None:
+    """Why PEFT's `re.match` would raise on this rank_pattern / alpha_pattern key, or None."""
+    try:
+        re.compile(rf"(.*\.)?({key})$")
+    except re.error as exc:
+        return str(exc)
     return None
 
 
@@ -62,7 +80,11 @@ def parse_lora_key(key: str, fmt: str = "peft") -> tuple[str, str, str | None] |
         return None
     rest = [t for t in m.group("rest").split(".") if t]
     if rest and rest[-1] == "bias":
-        return None  # `lora_bias=True` adds an output bias: not a factor of ΔW, not an adapter name
+        if m.group("part") != "lora_B" or len(rest) > 2:
+            return None
+        # `lora_bias=True`: lora_B carries a bias that PEFT adds as scale · b
+        rest, part = rest[:-1], "lora_B.bias"
+        return m.group("module").removeprefix(SAVED_PREFIX), part, (rest[0] if rest else None)
     if rest and rest[-1] == "weight":
         rest = rest[:-1]
     if len(rest) > 1:
@@ -75,8 +97,22 @@ def _parse_kohya_key(key: str) -> tuple[str, str, str | None] | None:
     m = _KOHYA_RE.match(key)
     if m is None or (m.group("part") or "").startswith("_lora_"):  # `x_lora_down` is no spelling
         return None
-    part = m.group("alpha") or ("lora_A" if m.group("part").endswith(("down", "A")) else "lora_B")
+    if m.group("alpha"):
+        return m.group("module"), m.group("alpha"), None
+    end = m.group("part")
+    part = "lora_A" if end.endswith(("down", "A")) else "lora_mid" if end.endswith("mid") else "lora_B"
     return m.group("module"), part, None
+
+
+def stored_module_prefix(key: str, fmt: str = "peft") -> str | None:
+    """The stored prefix of the module a LoRA key belongs to (`base_model.model.x` for PEFT), or None."""
+    m = (_KOHYA_RE if fmt == "kohya" else _KEY_RE).match(key)
+    return m.group("module") if m else None
+
+
+def is_base_copy(suffix: str) -> bool:
+    """True for a tensor under a module prefix that is a saved copy of a base weight, not LoRA."""
+    return suffix in BASE_COPY_SUFFIXES or suffix.startswith(BASE_COPY_PREFIXES)
 
 
 def detect_format(names: Iterable[str]) -> str:

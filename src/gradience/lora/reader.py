@@ -23,19 +23,32 @@ from typing import Any
 import numpy as np
 
 from gradience.errors import AdapterError, UnsupportedAdapterError, UsageError
-from gradience.lora.keys import FOREIGN_PARTS, PART_LABELS
+from gradience.lora.keys import (
+    FOREIGN_PARTS,
+    PART_LABELS,
+    invalid_pattern_key,
+    is_base_copy,
+    matching_pattern_keys,
+    stored_module_prefix,
+)
 from gradience.lora.keys import FORMATS as FORMATS
 from gradience.lora.keys import SAVED_PREFIX as SAVED_PREFIX
 from gradience.lora.keys import detect_format as detect_format
 from gradience.lora.keys import parse_lora_key as parse_lora_key
 from gradience.lora.keys import pattern_key as pattern_key
 from gradience.lora.safetensors_file import TensorFile
+from gradience.lora.scale import lora_scale
 from gradience.naming import layer_index as layer_index
 from gradience.naming import module_type as module_type
 from gradience.naming import natural_key
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHT_NAMES = ("adapter_model.safetensors", "adapter_model.bin")
+# `init_lora_weights` values after which B·A is the update to the untouched base weights;
+# PiSSA, OLoRA, CorDA, LoftQ (and any other) change the base at init, so B·A alone is not.
+PLAIN_INITS = (True, False, "gaussian", "eva")
+
+
 @dataclass(frozen=True)
 class LoraSettings:
     """The parts of `adapter_config.json` that decide what each module's update is."""
@@ -53,6 +66,56 @@ class LoraSettings:
     peft_type: str = "LORA"
     raw: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
+    def __post_init__(self) -> None:
+        """The same one-line errors a file gets, for settings built in code."""
+        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
+            raise AdapterError(f"`r` must be a positive integer, got {self.r!r}")
+        for key, rank in self.rank_pattern.items():
+            if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
+                raise AdapterError(f"`rank_pattern[{key!r}]` must be a positive integer, got {rank!r}")
+        alphas = [("lora_alpha", self.lora_alpha)]
+        alphas += [(f"alpha_pattern[{k!r}]", v) for k, v in self.alpha_pattern.items()]
+        for label, alpha in alphas:  # NaN / Infinity parse as JSON; PEFT would scale by them
+            if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
+                raise AdapterError(f"`{label}` must be a finite number, got {alpha!r}")
+        for label, pattern in (("rank_pattern", self.rank_pattern), ("alpha_pattern", self.alpha_pattern)):
+            for key in pattern:
+                why = invalid_pattern_key(key)
+                if why is not None:
+                    raise AdapterError(
+                        f"`{label}` key {key!r} is not a valid regular expression ({why}); "
+                        "PEFT will refuse to load this adapter"
+                    )
+
+    @property
+    def init_lora_weights(self) -> Any:
+        return self.raw.get("init_lora_weights", True)
+
+    def init_warning(self) -> str | None:
+        """Why B·A may not be this adapter's update (PiSSA-style init not converted at save), or None."""
+        init = self.init_lora_weights
+        if any(init is p or (isinstance(init, str) and init.lower() == p) for p in PLAIN_INITS):
+            return None
+        return (
+            f"init_lora_weights={init!r}: the base weights were changed at init, so B·A is not the update "
+            "(only an adapter converted at save, path_initial_model_for_weight_conversion, is); "
+            "its numbers describe the factors, not the change to the model"
+        )
+
+    def pattern_overlaps(self, modules: Iterator[str] | list[str]) -> list[str]:
+        """One line per module that two pattern keys match: which key PEFT applies (the first in file order)."""
+        out = []
+        for name in modules:
+            for label, pattern in (("rank_pattern", self.rank_pattern), ("alpha_pattern", self.alpha_pattern)):
+                hits = matching_pattern_keys(pattern, name)
+                if len(hits) > 1:
+                    out.append(
+                        f"{label} keys {', '.join(map(repr, hits))} all match module {name}; PEFT applies the first "
+                        f"in file order ({hits[0]!r}), and save_pretrained sorts the keys, so the value can "
+                        "change between training and reload: make each key match one module"
+                    )
+        return out
+
     @classmethod
     def from_dict(cls, cfg: Mapping[str, Any], source: str = CONFIG_NAME) -> LoraSettings:
         peft_type = str(cfg.get("peft_type", "LORA")).upper()
@@ -61,7 +124,7 @@ class LoraSettings:
                 f"{source}: peft_type is {peft_type}; gradience audits LoRA adapters only (LoRA, rsLoRA, DoRA)"
             )
         try:
-            settings = cls(
+            return cls(
                 r=int(cfg.get("r", 8)), lora_alpha=float(cfg.get("lora_alpha", 8)),
                 use_rslora=bool(cfg.get("use_rslora", False)), use_dora=bool(cfg.get("use_dora", False)),
                 fan_in_fan_out=bool(cfg.get("fan_in_fan_out", False)),
@@ -72,14 +135,8 @@ class LoraSettings:
             )
         except (TypeError, ValueError, AttributeError, OverflowError) as exc:  # e.g. r: Infinity
             raise AdapterError(f"{source}: invalid LoRA setting ({exc})") from None
-        if settings.r <= 0:
-            raise AdapterError(f"{source}: `r` must be a positive integer, got {settings.r}")
-        alphas = [("lora_alpha", settings.lora_alpha)]
-        alphas += [(f"alpha_pattern[{k!r}]", v) for k, v in settings.alpha_pattern.items()]
-        for label, alpha in alphas:  # NaN / Infinity parse as JSON here; PEFT would scale by them
-            if not math.isfinite(alpha):
-                raise AdapterError(f"{source}: `{label}` must be a finite number, got {alpha}")
-        return settings
+        except AdapterError as exc:
+            raise AdapterError(f"{source}: {exc}") from None
 
     def rank_for(self, module: str) -> int:
         key = pattern_key(self.rank_pattern, module)
@@ -91,9 +148,7 @@ class LoraSettings:
 
     def scale_for(self, module: str) -> float:
         """PEFT's scaling: alpha / r, or alpha / sqrt(r) with rsLoRA."""
-        r = self.rank_for(module)
-        alpha = self.alpha_for(module)
-        return alpha / math.sqrt(r) if self.use_rslora else alpha / r
+        return lora_scale(self.alpha_for(module), self.rank_for(module), self.use_rslora)
 
 
 @dataclass(frozen=True)
@@ -113,6 +168,8 @@ class LoraModule:
     alpha: float
     scale: float
     dora: bool = False
+    lora_bias: np.ndarray | None = None  # lora_B's bias (`lora_bias=True`): PEFT adds scale · b
+    stored_params: int | None = None  # when the stored factors differ from A, B (kohya Tucker: down, mid, up)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -120,7 +177,9 @@ class LoraModule:
 
     @property
     def params(self) -> int:
-        return int(self.lora_A.size + self.lora_B.size)
+        if self.stored_params is not None:
+            return self.stored_params
+        return int(self.lora_A.size + self.lora_B.size + (0 if self.lora_bias is None else self.lora_bias.size))
 
 
 @dataclass(frozen=True)
@@ -136,8 +195,11 @@ class _ModuleKeys:
     a: str | None = None
     b: str | None = None
     embedding: bool = False
-    magnitude: str | None = None
+    magnitude: str | None = None  # PEFT lora_magnitude_vector or kohya dora_scale
     alpha: str | None = None  # kohya: the module's scalar alpha tensor
+    bias: str | None = None  # lora_B.bias
+    mid: str | None = None  # kohya LoCon Tucker core (r, r, kh, kw)
+    unknown: tuple[str, ...] = ()  # tensors under the module's prefix that are no LoRA part
 
 
 def _find_config(peft_dir: Path) -> Path:
@@ -259,6 +321,14 @@ class Adapter:
                 out[label] = missing
         return out
 
+    def pattern_overlaps(self) -> list[str]:
+        """Modules that two rank_pattern / alpha_pattern keys match (see `LoraSettings.pattern_overlaps`)."""
+        return self.settings.pattern_overlaps(list(self._index)) if self.format == "peft" else []
+
+    def init_warning(self) -> str | None:
+        """Why B·A may not be this adapter's update (PiSSA-style init), or None."""
+        return self.settings.init_warning() if self.format == "peft" else None
+
     def modules(self) -> Iterator[LoraModule | ModuleProblem]:
         """Yield each module's factors (read now) or the reason it cannot be audited."""
         for name, keys in self._index.items():
@@ -268,19 +338,23 @@ class Adapter:
                 yield ModuleProblem(name, str(exc))
 
     def _build_index(self) -> dict[str, _ModuleKeys]:
+        """Every tensor is a LoRA part of a module, a base copy or other tensor, or refuses its module."""
         index: dict[str, dict[str, Any]] = {}
-        self._others: list[str] = []
+        prefixes: dict[str, str] = {}  # stored module prefix -> module
+        others: list[str] = []
         adapters: set[str] = set()
         for info in self.file:
             for method in (m for frag, m in FOREIGN_PARTS.items() if f".{frag}" in info.name):
                 raise UnsupportedAdapterError(
-                    f"{self.weights_path}: holds {method} tensors ({info.name}); gradience audits LoRA adapters only"
+                    f"{self.weights_path}: holds {method} tensors ({info.name}); "
+                    f"{method} is not LoRA (no B·A update); gradience audits LoRA adapters only"
                 )
             parsed = parse_lora_key(info.name, self.format)
             if parsed is None:
-                self._others.append(info.name)
+                others.append(info.name)
                 continue
             module, part, adapter_name = parsed
+            prefixes[str(stored_module_prefix(info.name, self.format))] = module
             if adapter_name is not None:
                 adapters.add(adapter_name)
             slot = index.setdefault(module, {})
@@ -288,10 +362,16 @@ class Adapter:
                 slot["a"], slot["embedding"] = info.name, part == "lora_embedding_A"
             elif part in ("lora_B", "lora_embedding_B"):
                 slot["b"] = info.name
-            elif part == "alpha":
-                slot["alpha"] = info.name
             else:
-                slot["magnitude"] = info.name
+                slot[_SLOTS[part]] = info.name
+        self._others: list[str] = []
+        for name in others:
+            owner = _owner(name, prefixes)
+            if owner is None or is_base_copy(name[len(owner) + 1:]):
+                self._others.append(name)
+            else:
+                slot = index[prefixes[owner]]
+                slot["unknown"] = (*slot.get("unknown", ()), name)
         if len(adapters) > 1:
             raise UsageError(
                 f"{self.weights_path}: holds several adapters ({', '.join(sorted(adapters))}); "
@@ -304,12 +384,19 @@ class Adapter:
     def _load(self, name: str, keys: _ModuleKeys) -> LoraModule:
         where = f"{self.weights_path}: module {name}"
         label_a, label_b = PART_LABELS[self.format]
+        if keys.unknown:
+            raise AdapterError(
+                f"{where}: unrecognised tensor {keys.unknown[0]} under the module "
+                "(not a LoRA part nor a base-weight copy); refusing the module rather than guessing"
+            )
         if keys.a is None or keys.b is None:
             have, lacks = (label_a, label_b) if keys.a else (label_b, label_a)
             have = have if keys.a or keys.b else "only alpha"
             raise AdapterError(f"{where} has {have} but no {lacks}")
         a, b = self.file.read(keys.a), self.file.read(keys.b)
         kind = "linear"
+        if keys.mid is not None:
+            return self._load_tucker(name, keys, a, b, where)
         if keys.embedding:
             # PEFT stores embedding factors as A: (r, num_embeddings), B: (dim, r) and applies
             # (B @ A).T; transposing both keeps the (r, in) / (out, r) convention.
@@ -326,7 +413,10 @@ class Adapter:
             )
         if self.format == "kohya":
             r, alpha = int(a.shape[0]), self._kohya_alpha(keys, int(a.shape[0]), where)
-            return LoraModule(name=name, kind=kind, lora_A=a, lora_B=b, r=r, alpha=alpha, scale=alpha / r)
+            return LoraModule(
+                name=name, kind=kind, lora_A=a, lora_B=b, r=r, alpha=alpha, scale=lora_scale(alpha, r),
+                dora=keys.magnitude is not None,
+            )
         r = self.settings.rank_for(name)
         if a.shape[0] != r:
             raise AdapterError(
@@ -337,6 +427,39 @@ class Adapter:
             name=name, kind=kind, lora_A=a, lora_B=b, r=r,
             alpha=self.settings.alpha_for(name), scale=self.settings.scale_for(name),
             dora=keys.magnitude is not None or self.settings.use_dora,
+            lora_bias=self._bias(keys, int(b.shape[0]), where),
+        )
+
+    def _bias(self, keys: _ModuleKeys, out: int, where: str) -> np.ndarray | None:
+        if keys.bias is None:
+            return None
+        bias = self.file.read(keys.bias)
+        if bias.shape != (out,):
+            raise AdapterError(f"{where}: lora_B.bias has shape {list(bias.shape)}, expected [{out}]")
+        return bias
+
+    def _load_tucker(self, name: str, keys: _ModuleKeys, down: np.ndarray, up: np.ndarray, where: str) -> LoraModule:
+        """kohya/LyCORIS LoCon with a Tucker core, as LyCORIS applies it.
+
+        ΔW[o, c, h, w] = scale · Σ_ij up[o, i] · mid[i, j, h, w] · down[j, c] (LyCORIS'
+        `rebuild_tucker`), scale = alpha / r with r = down's rank. Folding the core into the
+        down factor, A'[i, (c, h, w)] = Σ_j mid[i, j, h, w] · down[j, c], keeps it an exact
+        rank-r product B · A' over the flattened kernel.
+        """
+        mid = np.asarray(self.file.read(str(keys.mid)), dtype=np.float64)
+        d = np.asarray(down, dtype=np.float64).reshape(down.shape[0], -1)
+        u = np.asarray(up, dtype=np.float64).reshape(up.shape[0], -1)
+        if mid.ndim != 4 or mid.shape[0] != u.shape[1] or mid.shape[1] != d.shape[0]:
+            raise AdapterError(
+                f"{where}: lora_mid has shape {list(mid.shape)}, expected [{u.shape[1]}, {d.shape[0]}, kh, kw] "
+                f"for lora_up {list(up.shape)} and lora_down {list(down.shape)}"
+            )
+        a = np.einsum("ijhw,jc->ichw", mid, d).reshape(mid.shape[0], -1)
+        r = int(d.shape[0])
+        alpha = self._kohya_alpha(keys, r, where)
+        return LoraModule(
+            name=name, kind="conv", lora_A=a, lora_B=u, r=r, alpha=alpha, scale=lora_scale(alpha, r),
+            dora=keys.magnitude is not None, stored_params=int(down.size + mid.size + up.size),
         )
 
     def _kohya_alpha(self, keys: _ModuleKeys, r: int, where: str) -> float:
@@ -355,3 +478,17 @@ class Adapter:
         alphas = [self.file.read(k.alpha) for k in self._index.values() if k.alpha is not None]
         alpha = float(np.median([float(np.asarray(x, np.float64).ravel()[0]) for x in alphas if x.size])) if alphas else r
         return LoraSettings(r=r, lora_alpha=alpha, raw={"format": "kohya"})
+
+
+_SLOTS = {"alpha": "alpha", "lora_B.bias": "bias", "lora_mid": "mid", "dora_scale": "magnitude",
+          "lora_magnitude_vector": "magnitude"}  # fmt: skip
+
+
+def _owner(name: str, prefixes: Mapping[str, str]) -> str | None:
+    """The longest stored module prefix that `name` lies under (`prefix.` + rest), or None."""
+    parts = name.split(".")
+    for i in range(len(parts) - 1, 0, -1):
+        head = ".".join(parts[:i])
+        if head in prefixes:
+            return head
+    return None

@@ -121,21 +121,42 @@ class TensorFile:
                     f"{self.path}: corrupt or truncated safetensors header "
                     f"(declares {n} header bytes, file has {size})"
                 )
+            raw = fh.read(n)
             try:
-                header = json.loads(fh.read(n).decode("utf-8"))
+                header = json.loads(raw.decode("utf-8"))
             except RecursionError:
                 raise AdapterError(f"{self.path}: corrupt safetensors header (nested too deep)") from None
             except ValueError as exc:  # bad UTF-8, bad JSON, an integer of thousands of digits
                 raise AdapterError(f"{self.path}: corrupt safetensors header ({exc})") from None
         if not isinstance(header, dict):
             raise AdapterError(f"{self.path}: corrupt safetensors header (not a JSON object)")
+        if raw[:1] != b"{":  # safetensors' own check (InvalidHeaderStart)
+            raise AdapterError(f"{self.path}: corrupt safetensors header (does not start with '{{')")
         base = 8 + n
         infos = {}
         for name, entry in header.items():
             if name == "__metadata__":
                 continue
             infos[name] = self._check_entry(name, entry, base, size)
+        self._check_layout(infos, base, size)
         return infos
+
+    def _check_layout(self, infos: Mapping[str, TensorInfo], base: int, size: int) -> None:
+        """safetensors' own rule: sorted by offset, the tensors tile [0, end) with no overlap or
+        hole, and the file ends where the last tensor does (no trailing bytes)."""
+        end = base
+        for info in sorted(infos.values(), key=lambda t: (t.start, t.end)):
+            if info.start != end:
+                what = "overlaps the tensor before it" if info.start < end else f"leaves a hole of {info.start - end} bytes before it"
+                raise AdapterError(
+                    f"{self.path}: tensor {info.name!r} {what} (data_offsets must be contiguous); "
+                    "safetensors refuses this file"
+                )
+            end = info.end
+        if end != size:
+            raise AdapterError(
+                f"{self.path}: {size - end} bytes after the last tensor; safetensors refuses this file"
+            )
 
     def _check_entry(self, name: str, entry: Any, base: int, size: int) -> TensorInfo:
         where = f"{self.path}: tensor {name!r}"

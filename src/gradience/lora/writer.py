@@ -24,14 +24,10 @@ from gradience._io import atomic_open, replace_atomic
 from gradience.errors import AdapterError, UsageError
 from gradience.lora.reader import CONFIG_NAME, WEIGHT_NAMES, Adapter, parse_lora_key, pattern_key
 from gradience.lora.safetensors_file import safetensors_dtype_names
+from gradience.lora.scale import lora_scale as lora_scale
 from gradience.spectrum import core_singular_values
 
 V = TypeVar("V")
-
-
-def lora_scale(alpha: float, r: int, use_rslora: bool) -> float:
-    """PEFT's scaling at rank r: alpha / r, or alpha / √r with rsLoRA."""
-    return alpha / math.sqrt(r) if use_rslora else alpha / r
 
 
 def split_factors(

@@ -24,6 +24,7 @@ from gradience.lora.reader import (
     module_type,
     pattern_key,
 )
+from gradience.lora.scale import lora_scale
 from gradience.preflight.inputs import (
     TrainingSnapshot,
     finite_number,
@@ -148,7 +149,7 @@ def check(
 
 
 def _scale(s: LoraSettings, r: int, alpha: float) -> float:
-    return alpha / math.sqrt(r) if s.use_rslora else alpha / r
+    return lora_scale(alpha, r, s.use_rslora)
 
 
 def format_number(x: float) -> str:
