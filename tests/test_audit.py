@@ -125,7 +125,7 @@ def test_bad_arguments_are_usage_errors(tmp_path: Path) -> None:
     d = write_adapter(tmp_path / "a", _two_layer_spec())
     with pytest.raises(UsageError, match="energy"):
         audit(d, energy=1.5)
-    with pytest.raises(UsageError, match="top-wasteful"):
+    with pytest.raises(UsageError, match="top-least-used"):
         audit(d, top_wasteful=-1)
 
 

@@ -165,7 +165,7 @@ def test_llama_sharded_base_gives_exact_ratios(tmp_path: Path) -> None:
 def test_without_base_model_the_json_has_no_base_keys(tmp_path: Path) -> None:
     d = audit(llama_adapter(tmp_path / "peft")).to_dict()
     assert "base_relative" not in d
-    assert all("rel_spectral" not in row and "rel_frobenius" not in row for row in d["modules"] + d["wasteful"])
+    assert all("rel_spectral" not in row and "rel_frobenius" not in row for row in d["modules"] + d["least_rank_used"])
 
 
 def test_single_file_base_without_index(tmp_path: Path) -> None:

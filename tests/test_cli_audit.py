@@ -71,7 +71,7 @@ def test_text_output_has_the_summary_and_layers(adapter_dir: Path) -> None:
     out = proc.stdout
     for line in (
         "GRADIENCE LoRA AUDIT", "Stable rank (mean)", "Energy rank k@90% (p50/p90)",
-        "Most wasteful", "Suggested ranks", HYPOTHESIS_NOTE, f"PEFT dir: {adapter_dir}",
+        "Least rank-used", "Suggested ranks", HYPOTHESIS_NOTE, f"PEFT dir: {adapter_dir}",
         "Modules: 4  Layers: 2",
     ):
         assert line in out, line
@@ -84,10 +84,22 @@ def test_text_output_has_the_summary_and_layers(adapter_dir: Path) -> None:
         assert f"  {name}  " in table
 
 
-def test_energy_flag_changes_the_quantile_label(adapter_dir: Path) -> None:
+def test_energy_flag_adds_named_fields_and_p50_p90_keep_meaning_90(adapter_dir: Path, tmp_path: Path) -> None:
+    """Case 5: `energy_rank_p50/p90` are always the 90% rank; `--energy 0.8` adds `energy_rank_80_*`."""
     proc = gradience("audit", "--peft-dir", str(adapter_dir), "--energy", "0.8")
     assert proc.returncode == 0, proc.stderr
-    assert "Energy rank k@80% (p50/p90)" in proc.stdout
+    assert "Energy rank k@90% (p50/p90)" in proc.stdout and "energy_rank_80_p50:" in proc.stdout
+    at80, at90 = audit(str(adapter_dir), energy=0.8), audit(str(adapter_dir))
+    assert (at80.summary.energy_rank_p50, at80.summary.energy_rank_p90) == (
+        at90.summary.energy_rank_p50, at90.summary.energy_rank_p90)
+    k80 = [m.energy_rank for m in at80.modules]
+    assert at80.summary.other_energy == {
+        "energy_rank_80_p50": float(np.percentile(k80, 50)), "energy_rank_80_p90": float(np.percentile(k80, 90))}
+    log = tmp_path / "run.jsonl"
+    assert gradience("audit", "--peft-dir", str(adapter_dir), "--energy", "0.8", "--append", str(log)).returncode == 0
+    metrics = json.loads(log.read_text().splitlines()[-1])["metrics"]
+    assert metrics["energy_rank_p90"] == at90.summary.energy_rank_p90
+    assert metrics["energy_rank_80_p90"] == at80.summary.other_energy["energy_rank_80_p90"]
 
 
 def test_json_equals_the_python_api_exactly(adapter_dir: Path) -> None:
@@ -197,14 +209,15 @@ def test_argparse_errors_exit_2(adapter_dir: Path) -> None:
     assert "Traceback" not in proc.stderr
 
 
-def test_lora_A_without_lora_B_is_a_problem_not_an_error(adapter_dir: Path) -> None:
+def test_lora_A_without_lora_B_prints_the_report_and_exits_1(adapter_dir: Path) -> None:
+    """Case 7: a module that cannot be read fails the run (CI must not pass it); the report still prints."""
     weights = adapter_dir / "adapter_model.safetensors"
     tensors = load_file(str(weights))
     broken = "model.layers.1.mlp.down_proj"
     del tensors[f"{PREFIX}{broken}.lora_B.weight"]
     save_file(tensors, str(weights))
     proc = gradience("audit", "--peft-dir", str(adapter_dir), "--json", "--layers")
-    assert proc.returncode == 0, proc.stderr
+    assert proc.returncode == 1, proc.stderr
     got = _strict_json(proc.stdout)
     assert [p["module"] for p in got["problems"]] == [broken]
     assert "lora_A" in got["problems"][0]["problem"] and "lora_B" in got["problems"][0]["problem"]
@@ -212,7 +225,7 @@ def test_lora_A_without_lora_B_is_a_problem_not_an_error(adapter_dir: Path) -> N
     assert {row["name"] for row in got["modules"]} == set(SIGMAS) - {broken}
     assert any("could not be read" in w for w in got["warnings"])
     text = gradience("audit", "--peft-dir", str(adapter_dir))
-    assert text.returncode == 0
+    assert text.returncode == 1
     assert "Problems:" in text.stdout and broken in text.stdout.split("Problems:", 1)[1]
 
 

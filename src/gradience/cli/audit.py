@@ -35,7 +35,8 @@ def register(sub: Any) -> None:
         help="cache file for the base weights' norms (default: $GRADIENCE_CACHE_DIR, "
         "$XDG_CACHE_HOME/gradience or ~/.cache/gradience, under base_norms/)",
     )
-    p.add_argument("--top-wasteful", type=int, default=10, metavar="N", help="list the N lowest-utilization modules")
+    p.add_argument("--top-least-used", "--top-wasteful", dest="top_least_used", type=int, default=10, metavar="N",
+                   help="list the N least rank-used modules (lowest utilization); --top-wasteful is its old name")
     p.add_argument("--layers", action="store_true", help="show (and put in --json) every module's metrics")
     p.add_argument("--energy", type=float, default=0.9, help="energy fraction for k@q and suggestions (default 0.9)")
     p.add_argument("--json", action="store_true", help="print the AuditReport as JSON")
@@ -52,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
         return run_recursive(args)
     report = audit(
         args.peft_dir, adapter_config=args.adapter_config, weights=args.weights,
-        energy=args.energy, top_wasteful=args.top_wasteful,
+        energy=args.energy, top_least_used=args.top_least_used,
         fmt=args.format, base_model=args.base_model, base_cache=args.base_cache,
     )
     if args.append:
@@ -61,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
         emit_json(report.to_dict(include_modules=args.layers))
     else:
         print("\n".join(render(report, layers=args.layers)))
-    return 0
+    return 1 if report.problems else 0  # an unreadable module fails the run; the report still prints
 
 
 def run_recursive(args: argparse.Namespace) -> int:
@@ -76,7 +77,7 @@ def run_recursive(args: argparse.Namespace) -> int:
 
     failed = 0
     for result in audit_many(args.recursive, workers=args.workers, on_result=progress,
-                             energy=args.energy, top_wasteful=args.top_wasteful):  # fmt: skip
+                             energy=args.energy, top_least_used=args.top_least_used):  # fmt: skip
         try:
             line = json.dumps(result.to_dict(include_modules=args.layers), allow_nan=False)
         except ValueError as exc:  # a non-finite number in the report: still one line, marked failed
@@ -92,15 +93,18 @@ def append_to_log(report: AuditReport, log_path: str) -> None:
     from gradience.telemetry import append_record_atomic
 
     s, g = report.summary, report.suggestion
+    suggestion: dict[str, object] = {"energy_fraction": report.energy_fraction}
+    if g is not None:
+        suggestion.update(uniform_median=g.uniform_median, uniform_p90=g.uniform_p90)
     append_record_atomic(
         log_path, "metrics", kind="lora_audit", peft_dir=report.peft_dir,
         metrics={
-            "lora_params": s.lora_params, "n_modules": s.n_modules, "n_layers": s.n_layers,
+            "lora_params": s.lora_params, "n_modules": s.n_modules, "n_layers": s.n_layers, "n_zero": s.n_zero,
             "stable_rank_mean": s.stable_rank_mean, "utilization_mean": s.utilization_mean,
-            "energy_rank_p50": s.energy_rank_p50, "energy_rank_p90": s.energy_rank_p90,
+            "energy_rank_p50": s.energy_rank_p50, "energy_rank_p90": s.energy_rank_p90, **s.other_energy,
             "frobenius_norm": s.frobenius_norm_total, "sigma_max": s.sigma_max_max,
         },
-        suggestion={"energy_fraction": g.energy_fraction, "uniform_median": g.uniform_median, "uniform_p90": g.uniform_p90},
+        suggestion=suggestion,
     )
 
 
@@ -118,17 +122,22 @@ def render(report: AuditReport, layers: bool = False) -> list[str]:
         "",
         "Summary:",
         f"  LoRA params: {human_count(s.lora_params)}",
-        f"  Modules: {s.n_modules}  Layers: {s.n_layers}",
+        f"  Modules: {s.n_modules}  Layers: {s.n_layers}"
+        + (f"  Zero updates (left out of every aggregate): {s.n_zero}" if s.n_zero else ""),
         f"  Stable rank (mean): {s.stable_rank_mean:.2f}",
         f"  Utilization (mean): {pct(s.utilization_mean)}",
-        f"  Energy rank k@{q} (p50/p90): {num(s.energy_rank_p50, 1)}/{num(s.energy_rank_p90, 1)}",
+        f"  Energy rank k@90% (p50/p90): {num(s.energy_rank_p50, 1)}/{num(s.energy_rank_p90, 1)}",
     ]
-    if report.wasteful:
-        out += ["", f"Most wasteful modules (lowest utilization, top {len(report.wasteful)}):"]
-        for i, m in enumerate(report.wasteful, 1):
+    for key, value in s.other_energy.items():
+        out.append(f"  {key}: {num(value, 1)}")
+    if report.least_rank_used:
+        out += ["", f"Least rank-used modules (lowest utilization = stable rank / r: most of the allocated rank "
+                    f"unused, candidates for a smaller r; top {len(report.least_rank_used)}):"]
+        for i, m in enumerate(report.least_rank_used, 1):
+            rel = f" |dW|/|W|={_g(m.rel_spectral)}" if report.base_relative else ""
             out.append(
-                f"  {i:02d}. {m.type:<5} r={m.r:<3} util={pct(m.utilization):>6} sr={num(m.stable_rank)}"
-                f" k@{q}={m.energy_rank}  {m.name}"
+                f"  {i:02d}. {m.type:<5} r={m.r:<3} util={pct(m.utilization):>6} energy={pct(m.energy_share):>6}"
+                f"{rel} sr={num(m.stable_rank)} k@{q}={m.energy_rank}  {m.name}"
             )
     out += ["", "By module type:"]
     for t in report.by_type:
@@ -139,6 +148,9 @@ def render(report: AuditReport, layers: bool = False) -> list[str]:
         )
     out += _render_gain(report)
     out += _render_base(report)
+    if g is None:
+        out += ["", "Suggested ranks: none (no module has a nonzero update)"]
+        return out + _render_tail(report, layers)
     out += [
         "",
         f"Suggested ranks (energy {q}, rounded up on grid {','.join(map(str, g.grid))}):",
@@ -149,13 +161,19 @@ def render(report: AuditReport, layers: bool = False) -> list[str]:
     if g.at_allocated_rank:
         out.append("  The conservative suggestion is the allocated rank: this adapter may use all of it.")
     out.append(f"  {g.note}")
+    return out + _render_tail(report, layers)
+
+
+def _render_tail(report: AuditReport, layers: bool) -> list[str]:
+    out: list[str] = []
     if layers:
         out += ["", "Modules:"]
         for m in report.modules:
             out.append(
                 f"  {m.name}  {m.type} {m.kind} {m.shape[0]}x{m.shape[1]} r={m.r} status={m.status}"
                 f" |dW|_F={num(m.frobenius_norm, 4)} sigma_max={num(m.sigma_max, 4)}"
-                f" sr={num(m.stable_rank)} util={pct(m.utilization)} k@90%={m.energy_rank_90}"
+                f" sr={num(m.stable_rank)} util={pct(m.utilization)} energy={pct(m.energy_share)}"
+                f" k@90%={m.energy_rank_90}"
                 + (f" rel2={_g(m.rel_spectral)} relF={_g(m.rel_frobenius)}" if report.base_relative else "")
             )
     if report.warnings:

@@ -1,9 +1,11 @@
 """Spectral audit of a saved LoRA adapter: where rank is used, where it is wasted.
 
 `audit(path)` reads the adapter a module at a time, computes each update's spectrum with
-the QR core, and returns an `AuditReport`: per-module metrics, aggregates, the most
-wasteful modules, a per-type and per-layer view, and rank suggestions. Suggestions are
-hypotheses about the adapter's geometry; only an eval can confirm them.
+the QR core, and returns an `AuditReport`: per-module metrics, aggregates, the least
+rank-used modules (lowest utilization), a per-type and per-layer view, and rank
+suggestions. Suggestions are hypotheses about the adapter's geometry; only an eval can
+confirm them. Modules whose update is exactly zero are counted and listed, and left out of
+every aggregate and suggestion (an untrained module says nothing about the rank it needs).
 """
 
 from __future__ import annotations
@@ -57,15 +59,25 @@ class ModuleAudit:
     singular_values: tuple[float, ...] = ()
     rel_spectral: float | None = None  # ‖ΔW‖₂/‖W‖₂, with --base-model only
     rel_frobenius: float | None = None  # ‖ΔW‖_F/‖W‖_F, with --base-model only
+    energy_share: float | None = None  # ‖ΔW‖_F² over the adapter's total (ok modules)
+    lora_bias_norm: float | None = None  # ‖scale · b‖ of lora_B's bias (lora_bias=True), not in the spectrum
 
 
 @dataclass(frozen=True)
 class Summary:
-    """Aggregates over auditable modules (non-finite ones are excluded and reported)."""
+    """Aggregates over modules with status `ok`: zero and non-finite ones are counted and listed, not averaged.
+
+    `energy_rank_p50` / `energy_rank_p90` are always percentiles of `energy_rank_90`;
+    another `--energy q` adds `energy_rank_<q>_p50` / `_p90` (in `other_energy`, flattened
+    into the JSON).
+    """
 
     lora_params: int
     n_modules: int
     n_layers: int
+    n_zero: int
+    zero_modules: tuple[str, ...]
+    n_nonfinite: int
     stable_rank_mean: float
     stable_rank_median: float
     utilization_mean: float
@@ -75,6 +87,12 @@ class Summary:
     effective_rank_mean: float
     frobenius_norm_total: float
     sigma_max_max: float
+    other_energy: dict[str, float] = field(default_factory=dict)
+
+
+def energy_field(q: float) -> str:
+    """The field name of the energy rank at fraction q: 0.9 -> `energy_rank_90`, 0.995 -> `energy_rank_99_5`."""
+    return "energy_rank_" + f"{100 * q:.4f}".rstrip("0").rstrip(".").replace(".", "_")
 
 
 @dataclass(frozen=True)
@@ -132,23 +150,29 @@ class AuditReport:
     use_dora: bool
     energy_fraction: float
     summary: Summary
-    wasteful: tuple[ModuleAudit, ...]
+    least_rank_used: tuple[ModuleAudit, ...]  # lowest utilization first: most rank left unused
     by_type: tuple[TypeBreakdown, ...]
     gain: GainView
-    suggestion: RankSuggestion
+    suggestion: RankSuggestion | None  # None when no module has a nonzero finite update
     warnings: tuple[str, ...]
     problems: tuple[dict[str, str], ...]
     modules: tuple[ModuleAudit, ...] = field(default=(), repr=False)
     format: str = "peft"  # the key grammar: "peft" or "kohya"
     base_relative: BaseRelativeSummary | None = None  # with --base-model only
 
+    @property
+    def wasteful(self) -> tuple[ModuleAudit, ...]:
+        """Former name of `least_rank_used`."""
+        return self.least_rank_used
+
     def to_dict(self, include_modules: bool = True) -> dict[str, Any]:
         d = asdict(self)
+        d["summary"].update(d["summary"].pop("other_energy"))
         if not include_modules:
             d.pop("modules")
         if self.base_relative is None:  # without --base-model the JSON is what it always was
             d.pop("base_relative")
-            for row in [*d["wasteful"], *d.get("modules", ())]:
+            for row in [*d["least_rank_used"], *d.get("modules", ())]:
                 row.pop("rel_spectral"), row.pop("rel_frobenius")
         return d
 
@@ -176,12 +200,14 @@ def audit_module(module: LoraModule, energy: float = 0.9) -> ModuleAudit:
     )
     a = np.asarray(module.lora_A, dtype=np.float64)
     b = np.asarray(module.lora_B, dtype=np.float64)
-    if not (np.isfinite(a).all() and np.isfinite(b).all()):
+    bias = None if module.lora_bias is None else np.asarray(module.lora_bias, dtype=np.float64)
+    if not (np.isfinite(a).all() and np.isfinite(b).all() and (bias is None or np.isfinite(bias).all())):
         return ModuleAudit(status="nonfinite", **base)  # type: ignore[arg-type]
     sigma = core_singular_values(a, b, module.scale)
     m = spectrum_metrics(sigma, module.r, module.shape, energy)
     return ModuleAudit(
         status="zero" if m.is_zero else "ok",
+        lora_bias_norm=None if bias is None else abs(module.scale) * float(np.linalg.norm(bias)),
         frobenius_norm=m.frobenius_norm, sigma_max=m.sigma_max, stable_rank=m.stable_rank,
         utilization=m.utilization, energy_rank_90=m.energy_rank_90, energy_rank=m.energy_rank,
         effective_rank=m.effective_rank, numerical_rank=m.numerical_rank,
@@ -196,11 +222,12 @@ def audit(
     adapter_config: str | Path | None = None,
     weights: str | Path | None = None,
     energy: float = 0.9,
-    top_wasteful: int = 10,
+    top_least_used: int = 10,
     grid: Sequence[int] | None = None,
     fmt: str = "auto",
     base_model: str | Path | None = None,
     base_cache: str | Path | None = None,
+    top_wasteful: int | None = None,
 ) -> AuditReport:
     """Audit a saved LoRA adapter: a PEFT folder, or one kohya / diffusers safetensors file.
 
@@ -213,7 +240,8 @@ def audit(
             (`gradience.mechanic.base_relative`).
         base_cache: cache file for the base weights' norms (default: a user cache dir).
         energy: energy fraction for `energy_rank` and the rank suggestions.
-        top_wasteful: how many lowest-utilization modules to list.
+        top_least_used: how many lowest-utilization (least rank-used) modules to list;
+            `top_wasteful` is its former name and wins when given.
         grid: ranks the uniform suggestions round up to (default: powers of two ≤ r, and r).
 
     Returns:
@@ -229,8 +257,9 @@ def audit(
     """
     if not 0.0 < energy <= 1.0:
         raise UsageError(f"--energy must be in (0, 1], got {energy}")
-    if top_wasteful < 0:
-        raise UsageError(f"--top-wasteful must be >= 0, got {top_wasteful}")
+    top = top_least_used if top_wasteful is None else top_wasteful
+    if top < 0:
+        raise UsageError(f"--top-least-used must be >= 0, got {top}")
     adapter = Adapter.open(peft_dir, adapter_config, weights, fmt)
     rows: list[ModuleAudit] = []
     problems: list[dict[str, str]] = []
@@ -239,7 +268,7 @@ def audit(
             problems.append({"module": item.name, "problem": item.message})
         else:
             rows.append(audit_module(item, energy))
-    report = _report(adapter, peft_dir, rows, problems, energy, top_wasteful, grid)
+    report = _report(adapter, peft_dir, _with_shares(rows), problems, energy, top, grid)
     return _with_base(report, base_model, base_cache) if base_model is not None else report
 
 
@@ -251,17 +280,29 @@ def _with_base(report: AuditReport, base_model: str | Path, base_cache: str | Pa
         r = rel.modules.get(m.name)
         return replace(m, rel_spectral=r.rel_spectral, rel_frobenius=r.rel_frobenius) if r else m
 
+    modules = tuple(map(add, report.modules))
+    larger = [m.name for m in modules if (m.rel_spectral or 0.0) > 1.0]
+    flag = (f"{len(larger)} module(s) have an update larger than their base weight (|dW|_2/|W|_2 > 1): "
+            f"{', '.join(larger[:5])}",) if larger else ()  # fmt: skip
     return replace(
-        report, modules=tuple(map(add, report.modules)), wasteful=tuple(map(add, report.wasteful)),
-        base_relative=rel.summary, warnings=report.warnings + rel.warnings,
+        report, modules=modules, least_rank_used=tuple(map(add, report.least_rank_used)),
+        base_relative=rel.summary, warnings=report.warnings + rel.warnings + flag,
     )
+
+
+def _with_shares(rows: list[ModuleAudit]) -> list[ModuleAudit]:
+    """Each ok module's share of the adapter's update energy Σ‖ΔW‖_F²."""
+    total = sum((m.frobenius_norm or 0.0) ** 2 for m in rows if m.status == "ok")
+    if total <= 0:
+        return rows
+    return [replace(m, energy_share=(m.frobenius_norm or 0.0) ** 2 / total) if m.status == "ok" else m for m in rows]
 
 
 def _report(
     adapter: Adapter, peft_dir: str | Path | None, rows: list[ModuleAudit], problems: list[dict[str, str]],
-    energy: float, top_wasteful: int, grid: Sequence[int] | None,
+    energy: float, top_least_used: int, grid: Sequence[int] | None,
 ) -> AuditReport:
-    good = [m for m in rows if m.status != "nonfinite"]
+    good = [m for m in rows if m.status == "ok"]  # zero and non-finite updates enter no aggregate
     warnings = _warnings(adapter, rows, problems)
     max_r = max((m.r for m in rows), default=adapter.settings.r)
     return AuditReport(
@@ -271,10 +312,10 @@ def _report(
         lora_alpha=adapter.settings.lora_alpha, use_rslora=adapter.settings.use_rslora,
         use_dora=adapter.is_dora,
         energy_fraction=energy,
-        summary=_summary(rows, good),
-        wasteful=tuple(sorted(good, key=lambda m: (m.utilization or 0.0, m.name))[:top_wasteful]),
+        summary=_summary(rows, good, energy),
+        least_rank_used=tuple(sorted(good, key=lambda m: (m.utilization or 0.0, m.name))[:top_least_used]),
         by_type=_by_type(good), gain=_gain(good),
-        suggestion=_suggest(good, energy, tuple(grid) if grid else default_grid(max_r)),
+        suggestion=_suggest(good, energy, tuple(grid) if grid else default_grid(max_r)) if good else None,
         warnings=tuple(warnings), problems=tuple(problems), modules=tuple(rows), format=adapter.format,
     )
 
@@ -287,13 +328,20 @@ def _pct(xs: Sequence[float], q: float) -> float:
     return float(np.percentile(xs, q)) if xs else 0.0
 
 
-def _summary(rows: list[ModuleAudit], good: list[ModuleAudit]) -> Summary:
+def _summary(rows: list[ModuleAudit], good: list[ModuleAudit], energy: float) -> Summary:
     sr = [m.stable_rank or 0.0 for m in good]
     ut = [m.utilization or 0.0 for m in good]
-    er = [float(m.energy_rank or 0) for m in good]
+    er = [float(m.energy_rank_90 or 0) for m in good]
+    other = {}
+    if energy_field(energy) != "energy_rank_90":
+        eq = [float(m.energy_rank or 0) for m in good]
+        other = {f"{energy_field(energy)}_p50": _pct(eq, 50), f"{energy_field(energy)}_p90": _pct(eq, 90)}
+    zero = tuple(m.name for m in rows if m.status == "zero")
     return Summary(
         lora_params=sum(m.params for m in rows), n_modules=len(rows),
         n_layers=len({m.layer for m in rows if m.layer is not None}),
+        n_zero=len(zero), zero_modules=zero, n_nonfinite=sum(m.status == "nonfinite" for m in rows),
+        other_energy=other,
         stable_rank_mean=_mean(sr), stable_rank_median=float(np.median(sr)) if sr else 0.0,
         utilization_mean=_mean(ut), utilization_median=float(np.median(ut)) if ut else 0.0,
         energy_rank_p50=_pct(er, 50), energy_rank_p90=_pct(er, 90),
@@ -310,7 +358,7 @@ def _by_type(good: list[ModuleAudit]) -> tuple[TypeBreakdown, ...]:
     out = []
     for t in sorted(groups):
         ms = groups[t]
-        er = [float(m.energy_rank or 0) for m in ms]
+        er = [float(m.energy_rank_90 or 0) for m in ms]
         out.append(TypeBreakdown(
             type=t, n_modules=len(ms), params=sum(m.params for m in ms),
             stable_rank_mean=_mean([m.stable_rank or 0.0 for m in ms]),
@@ -354,9 +402,21 @@ def _warnings(adapter: Adapter, rows: list[ModuleAudit], problems: list[dict[str
         out.append(f"{label} keys that match no module (typo?): {', '.join(keys)}")
     if adapter.is_dora:
         out.append(DORA_NOTE)
+    init = adapter.init_warning()
+    if init:
+        out.append(init)
+    out += adapter.pattern_overlaps()
+    biased = [m.name for m in rows if m.lora_bias_norm is not None]
+    if biased:
+        out.append(f"{len(biased)} module(s) carry lora_B.bias (lora_bias=True): PEFT adds scale·b to the output; "
+                   "the spectrum covers B·A only (lora_bias_norm per module)")
     zero = [m.name for m in rows if m.status == "zero"]
     if zero:
-        out.append(f"{len(zero)} module(s) have an all-zero update (untrained, or B still at init): {', '.join(zero[:5])}")
+        what = "every module" if len(zero) == len(rows) else f"{len(zero)} module(s)"
+        out.append(f"{what} have an all-zero update (untrained, or B still at init), left out of every "
+                   f"aggregate and suggestion: {', '.join(zero[:5])}")
+        if len(zero) == len(rows):
+            out.append("no rank suggestion: the adapter's update is zero, it says nothing about the rank it needs")
     bad = [m.name for m in rows if m.status == "nonfinite"]
     if bad:
         out.append(f"{len(bad)} module(s) hold NaN/Inf weights and are left out of the aggregates: {', '.join(bad[:5])}")

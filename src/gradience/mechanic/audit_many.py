@@ -94,7 +94,7 @@ def audit_many(
         root: folder searched recursively for `adapter_config.json`.
         workers: worker processes (default `default_workers()`); 1 audits in this process.
         on_result: called as `on_result(k, n, result)` after the k-th of n results, for progress.
-        **options: passed to `audit` (`energy`, `top_wasteful`, `grid`).
+        **options: passed to `audit` (`energy`, `top_least_used`, `grid`).
 
     Raises:
         UsageError: `root` is not a directory, holds no adapter, or `workers` < 1.
