@@ -96,6 +96,7 @@ def test_energy_flag_adds_named_fields_and_p50_p90_keep_meaning_90(adapter_dir: 
     assert at80.summary.other_energy == {
         "energy_rank_80_p50": float(np.percentile(k80, 50)), "energy_rank_80_p90": float(np.percentile(k80, 90))}
     log = tmp_path / "run.jsonl"
+    log.write_bytes(b"".join(json.dumps(r).encode() + b"\n" for r in RECORDS))
     assert gradience("audit", "--peft-dir", str(adapter_dir), "--energy", "0.8", "--append", str(log)).returncode == 0
     metrics = json.loads(log.read_text().splitlines()[-1])["metrics"]
     assert metrics["energy_rank_p90"] == at90.summary.energy_rank_p90
