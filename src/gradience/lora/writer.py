@@ -11,8 +11,11 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
+import shutil
 import struct
+import tempfile
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -88,6 +91,24 @@ def module_keys(adapter: Adapter) -> dict[str, tuple[str, str]]:
     return {m: (d["A"], d["B"]) for m, d in found.items() if "A" in d and "B" in d}
 
 
+def bias_key(key_b: str) -> str:
+    """The stored key of lora_B's bias beside the stored lora_B weight key."""
+    return key_b.removesuffix(".weight") + ".bias"
+
+
+def rescale_bias(
+    bias: np.ndarray, scale_before: float, scale_after: float, key: str, tensors: dict[str, np.ndarray]
+) -> float:
+    """Store b' = scale_before · b / scale_after under `key` (PEFT adds scale · b, so the product is kept).
+
+    Returns ‖scale_after · b' − scale_before · b‖², measured on b' as stored (its dtype).
+    """
+    exact = scale_before * np.asarray(bias, np.float64)
+    stored = (exact / scale_after if scale_after != 0 else np.zeros_like(exact)).astype(bias.dtype)
+    tensors[key] = np.ascontiguousarray(stored)
+    return float(np.sum(np.square(scale_after * np.asarray(stored, np.float64) - exact)))
+
+
 def global_rank(ranks: Mapping[str, int]) -> int:
     """The most common rank (the larger on a tie): the `r` that needs the fewest pattern keys."""
     counts = Counter(ranks.values())
@@ -128,13 +149,49 @@ def prepare_out_dir(out_dir: str | Path, inputs: Sequence[str | Path], force: bo
 
 
 def save_adapter(out: Path, config: Mapping[str, Any], tensors: Mapping[str, np.ndarray]) -> None:
-    """Write adapter_model.safetensors then adapter_config.json, each via a temp file + os.replace."""
-    out.mkdir(parents=True, exist_ok=True)
-    write_safetensors(out / WEIGHT_NAMES[0], tensors)
-    replace_atomic(out / CONFIG_NAME, (json.dumps(dict(config), indent=2) + "\n").encode("utf-8"))
-    stale = out / WEIGHT_NAMES[1]
-    if stale.exists():  # PEFT would ignore it, but a reader of the folder might not
-        stale.unlink()
+    """Write the adapter as one unit: a complete folder beside `out`, then renamed onto it.
+
+    The new weights and config are written into a temp folder in `out`'s parent, with any
+    other files already in `out` (a README, a tokenizer) linked or copied in; then `out` is
+    renamed aside, the temp folder renamed to `out`, and the old one removed. A crash leaves
+    `out` as the complete old adapter or the complete new one (at worst beside the temp
+    folder), never new weights beside an old config.
+    """
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        mask = os.umask(0)
+        os.umask(mask)
+        os.chmod(tmp, 0o777 & ~mask)  # mkdtemp's 0700 would outlive the rename
+        write_safetensors(tmp / WEIGHT_NAMES[0], tensors)
+        replace_atomic(tmp / CONFIG_NAME, (json.dumps(dict(config), indent=2) + "\n").encode("utf-8"))
+        if out.is_dir():
+            _carry_other_files(out, tmp)
+            old = out.with_name(f".{out.name}.{os.getpid()}.old")
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _carry_other_files(src: Path, dst: Path) -> None:
+    """Everything in `src` but the adapter's own files (adapter_model.bin is stale: PEFT would ignore it)."""
+    for item in src.iterdir():
+        if item.name in (CONFIG_NAME, *WEIGHT_NAMES):
+            continue
+        target = dst / item.name
+        if item.is_dir() and not item.is_symlink():
+            shutil.copytree(item, target, symlinks=True)
+            continue
+        try:
+            os.link(item, target, follow_symlinks=False)
+        except OSError:
+            shutil.copy2(item, target, follow_symlinks=False)
 
 
 def write_safetensors(path: Path, tensors: Mapping[str, np.ndarray]) -> None:

@@ -32,6 +32,7 @@ import numpy as np
 from gradience.errors import AdapterError, UnsupportedAdapterError, UsageError
 from gradience.lora.reader import Adapter, LoraModule
 from gradience.lora.writer import (
+    bias_key,
     exact_pattern_keys,
     factored_distance,
     from_stored,
@@ -39,6 +40,7 @@ from gradience.lora.writer import (
     lora_scale,
     module_keys,
     prepare_out_dir,
+    rescale_bias,
     save_adapter,
     split_factors,
     to_stored,
@@ -166,10 +168,11 @@ def compress(
     keys = module_keys(adapter)
     tensors: dict[str, np.ndarray] = {}
     rows: list[ModuleCompression] = []
-    stored_err2 = 0.0
+    stored_err2, biased = 0.0, 0
     for module in adapter.modules():
         if not isinstance(module, LoraModule):  # the audit saw none; the file changed since
             raise AdapterError(f"{adapter.weights_path}: module {module.name}: {module.message}")
+        biased += module.lora_bias is not None
         row, err2 = _compress_module(adapter, module, keys[module.name], targets[module.name], tensors)
         rows.append(row)
         stored_err2 += err2
@@ -192,6 +195,9 @@ def compress(
         f"input {label} keys that match no module were dropped: {', '.join(ks)}"
         for label, ks in adapter.unmatched_pattern_keys().items()
     ]
+    notes += [w for w in (adapter.init_warning(),) if w] + adapter.pattern_overlaps()
+    if biased:
+        notes.append(f"{biased} module(s) carry lora_B.bias: rescaled by scale_before/scale_after so scale·b is unchanged")
     report = _report(audited, out, selector, value, r_new, rows, stored_err2, settings.use_rslora, notes)
     if verify is None or before is None:
         return report
@@ -259,17 +265,21 @@ def _target_ranks(report: AuditReport, selector: str, value: Any) -> dict[str, i
         return budget_ranks(rows, int(value))
     out = {}
     g = report.suggestion
+    if g is None and selector == "policy" and value in AUDIT_POLICIES:
+        raise UsageError(f"{report.peft_dir}: every module's update is zero; there is no rank suggestion to apply")
     for m in rows:
         sigma = np.asarray(m.singular_values)
         if selector == "rank":
             k = int(value)
         elif selector == "energy":
             k = energy_policy(sigma, float(value))
-        elif value == "median":
+        elif m.status == "zero":  # an untrained module: keep one (zero) direction, whatever the policy
+            k = 1
+        elif value == "median" and g is not None:
             k = g.uniform_median
-        elif value == "p90":
+        elif value == "p90" and g is not None:
             k = g.uniform_p90
-        elif value == "per-module":
+        elif value == "per-module" and g is not None:
             k = g.rank_pattern[m.name]
         else:
             k = POLICIES[value](sigma, m.shape)
@@ -322,7 +332,11 @@ def _compress_module(
     err2 = 0.0
     if k == m.r:  # nothing to drop: keep the stored bits as they are
         tensors[key_a], tensors[key_b] = adapter.file.read(key_a), adapter.file.read(key_b)
+        if m.lora_bias is not None:
+            tensors[bias_key(key_b)] = adapter.file.read(bias_key(key_b))
     else:
+        if m.lora_bias is not None:  # PEFT adds scale · b: keep the product, not b
+            err2 += rescale_bias(m.lora_bias, m.scale, new_scale, bias_key(key_b), tensors)
         a, b = split_factors(u[:, :k], sigma[:k], vt[:k], new_scale)
         sa, sb = adapter.file.read(key_a), adapter.file.read(key_b)
         tensors[key_a], tensors[key_b] = to_stored(m.kind, a, b, sa.shape, sb.shape, sa.dtype, sb.dtype)

@@ -18,6 +18,7 @@ import numpy as np
 from gradience.errors import AdapterError, UsageError
 from gradience.lora.reader import Adapter, LoraModule
 from gradience.lora.writer import (
+    bias_key,
     exact_pattern_keys,
     factored_distance,
     from_stored,
@@ -25,6 +26,7 @@ from gradience.lora.writer import (
     lora_scale,
     module_keys,
     prepare_out_dir,
+    rescale_bias,
     save_adapter,
     split_factors,
     to_stored,
@@ -147,16 +149,20 @@ def merge(
     keys = {"a": module_keys(ad_a), "b": module_keys(ad_b)}
     rng = np.random.default_rng(seed)
     names = list(mods_a) + [n for n in mods_b if n not in mods_a]
+    with_bias = any(m.lora_bias is not None for mods in (mods_a, mods_b) for m in mods.values())
     tensors: dict[str, np.ndarray] = {}
     rows, err2, total2 = [], 0.0, 0.0
     for name in names:
         parts = [_Part(tag, wi, mods[name], ad, keys[tag][name]) for tag, wi, mods, ad in
                  (("a", w[0], mods_a, ad_a), ("b", w[1], mods_b, ad_b)) if name in mods]
-        row, d2, n2 = _merge_one(parts, method, rank, density, rng, st.lora_alpha, st.use_rslora, tensors)
+        row, d2, n2 = _merge_one(parts, method, rank, density, rng, st.lora_alpha, st.use_rslora, tensors, with_bias)
         rows.append(row)
         err2, total2 = err2 + d2, total2 + n2
     tensors.update(_other_tensors(ad_a, ad_b))
     config, warnings = _merged_config(ad_a, ad_b, names, {m.name: m.r for m in rows}, set(mods_a))
+    if with_bias:
+        config["lora_bias"] = True
+    warnings += _weight_notes(w, ad_a, ad_b)
     save_adapter(out, config, tensors)
     return MergeReport(
         a_dir=str(a_dir), b_dir=str(b_dir), out_dir=str(out), method=method, weights=(w[0], w[1]),
@@ -169,9 +175,13 @@ def merge(
 
 def _merge_one(
     parts: list[_Part], method: str, rank: int | None, density: float, rng: np.random.Generator,
-    alpha: float, rslora: bool, tensors: dict[str, np.ndarray],
+    alpha: float, rslora: bool, tensors: dict[str, np.ndarray], with_bias: bool = False,
 ) -> tuple[ModuleMerge, float, float]:
-    """Merge one module into `tensors`; returns its row, ‖written − exact‖² and ‖exact‖²."""
+    """Merge one module into `tensors`; returns its row, ‖written − exact‖² and ‖exact‖².
+
+    With `lora_bias`, the written bias is Σ wᵢsᵢbᵢ / s (PEFT adds s · b) and (ΔW, bias)
+    count as one vector in both norms.
+    """
     mods = [p.module for p in parts]
     name, kind = mods[0].name, mods[0].kind
     if len(mods) == 2 and (mods[0].shape != mods[1].shape or mods[0].kind != mods[1].kind):
@@ -191,6 +201,15 @@ def _merge_one(
     wa, wb = from_stored(kind, tensors[key_a], tensors[key_b])
     d2 = factored_distance(wa, scale * wb, exact_a, exact_b) ** 2
     n2 = float(np.sum(np.square(core_singular_values(exact_a, exact_b))))
+    if with_bias and kind != "embedding":
+        exact_bias = sum(
+            (p.weight * p.module.scale * np.asarray(p.module.lora_bias, np.float64) for p in parts
+             if p.module.lora_bias is not None), np.zeros(mods[0].shape[0]),
+        )
+        dtype = next((p.module.lora_bias.dtype for p in parts if p.module.lora_bias is not None), dtypes[1])
+        d2 += rescale_bias(exact_bias.astype(np.float64), 1.0, scale, bias_key(key_b), tensors)
+        tensors[bias_key(key_b)] = tensors[bias_key(key_b)].astype(dtype)
+        n2 += float(np.sum(np.square(exact_bias)))
     ranks = {p.tag: p.module.r for p in parts}
     row = ModuleMerge(
         name=name, source="both" if len(parts) == 2 else parts[0].tag, shape=mods[0].shape,
@@ -233,7 +252,7 @@ def _merge_module(
         s = lora_scale(alpha, r, rslora)
         roots = [math.sqrt(abs(c / s)) for _, _, c in blocks]
         a_new = np.concatenate([rt * a for (a, _, _), rt in zip(blocks, roots, strict=True)])
-        b_new = np.concatenate([math.copysign(rt, c) * b for (_, b, c), rt in zip(blocks, roots, strict=True)], axis=1)
+        b_new = np.concatenate([math.copysign(rt, c / s) * b for (_, b, c), rt in zip(blocks, roots, strict=True)], axis=1)
         return a_new, b_new, r, s
     if method == "ties":
         unweighted = [(a, b, p.module.scale) for (a, b, _), p in zip(blocks, parts, strict=True)]
@@ -308,3 +327,22 @@ def _merged_config(
     if sa.use_rslora != sb.use_rslora:
         warnings.append("rsLoRA differs between the adapters: the output uses A's setting (scales are folded in)")
     return config, warnings
+
+
+def _weight_notes(w: tuple[float, float], ad_a: Adapter, ad_b: Adapter) -> list[str]:
+    """What the weights mean, and inputs whose update B·A may not be (PiSSA-style init)."""
+    out = []
+    if w[0] + w[1] > 1.0 + 1e-12:
+        out.append(f"weights sum to {w[0] + w[1]:g} > 1: the merged update is the weighted sum, not the average")
+    if min(w) < 0:
+        out.append("a negative weight subtracts that adapter's update (its sign is kept)")
+    mts_a, mts_b = ad_a.settings.raw.get("modules_to_save") or [], ad_b.settings.raw.get("modules_to_save") or []
+    only = [f"{m} (from {tag} only)" for tag, mine, theirs in (("A", mts_a, mts_b), ("B", mts_b, mts_a))
+            for m in mine if m not in theirs]  # fmt: skip
+    if only:
+        out.append("modules_to_save come from one adapter only and are copied as is, not weighted: " + ", ".join(only))
+    for tag, ad in (("A", ad_a), ("B", ad_b)):
+        why = ad.init_warning()
+        if why:
+            out.append(f"adapter {tag}: {why}")
+    return out
