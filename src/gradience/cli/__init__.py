@@ -20,7 +20,7 @@ import traceback
 from collections.abc import Sequence
 
 from gradience import __version__
-from gradience.errors import GradienceError
+from gradience.cli._errors import lookup
 
 # One module per command under gradience.cli, in help order. A run imports only the module
 # of the command it names, so `gradience audit` does not pay for analyze's scipy import.
@@ -50,23 +50,36 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+def _pop_debug(argv: list[str]) -> bool:
+    """Remove every `--debug` before a `--` (it may come before or after the command name)."""
+    end = argv.index("--") if "--" in argv else len(argv)
+    found = "--debug" in argv[:end]
+    argv[:end] = [a for a in argv[:end] if a != "--debug"]
+    return found
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the CLI; returns the exit code (the console script exits with it)."""
+    """Run the CLI; returns the exit code (the console script exits with it).
+
+    Every exception a user can meet goes through the table in `gradience.cli._errors`: one
+    line on stderr and its exit code; `--debug` adds the traceback.
+    """
     argv = sys.argv[1:] if argv is None else list(argv)
-    parser = build_parser(_named_command(argv))
-    args = parser.parse_args(argv)
+    debug = _pop_debug(argv)
     try:
+        parser = build_parser(_named_command(argv))
+        args = parser.parse_args(argv)
         return int(args.func(args) or 0)
-    except GradienceError as exc:
-        if args.debug:
+    except (Exception, KeyboardInterrupt) as exc:
+        row = lookup(exc)
+        if row is None:
+            raise
+        if debug:
             traceback.print_exc()
-        print(f"Error: {exc}", file=sys.stderr)
-        return exc.exit_code
-    except KeyboardInterrupt:
-        print("Interrupted.", file=sys.stderr)
-        return 130
-    except BrokenPipeError:
-        return 0
+        message = row.message(exc)
+        if message:
+            print(message if row.name == "interrupt" else f"Error: {message}", file=sys.stderr)
+        return row.exit_code(exc)
 
 
 def entry() -> None:

@@ -9,6 +9,7 @@ cannot write).
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -158,6 +159,9 @@ def save_adapter(out: Path, config: Mapping[str, Any], tensors: Mapping[str, np.
     folder), never new weights beside an old config.
     """
     out = Path(out)
+    existing = next(p for p in out.absolute().parents if p.exists())
+    if not existing.is_dir():  # mkdir would say "File exists", which misleads
+        raise NotADirectoryError(errno.ENOTDIR, "Not a directory", str(existing))
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
