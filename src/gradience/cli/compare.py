@@ -43,6 +43,9 @@ def render(report: CompareReport) -> list[str]:
         f"Agreement (cosine of the updates): {_f(report.agreement)}",
         f"Subspace overlap (mean cos of principal angles) left/right: "
         f"{_f(report.overlap_left_mean)}/{_f(report.overlap_right_mean)}",
+        f"  mean cos² left/right: {_f(report.overlap_left_sq_mean)}/{_f(report.overlap_right_sq_mean)}"
+        f"  vs random subspaces of the same size (k/n): "
+        f"{_f(report.random_overlap_left_sq_mean)}/{_f(report.random_overlap_right_sq_mean)}",
         "",
         f"Verdict: {report.verdict}: {report.verdict_reason}",
         "",
@@ -51,6 +54,8 @@ def render(report: CompareReport) -> list[str]:
     for m in report.modules:
         out.append(
             f"  k={m.k:<3} overlap L/R={_f(m.overlap_left)}/{_f(m.overlap_right)}"
+            f" cos² L/R={_f(m.overlap_left_sq)}/{_f(m.overlap_right_sq)}"
+            f" (random {_f(m.random_overlap_left_sq)}/{_f(m.random_overlap_right_sq)})"
             f" agreement={_f(m.agreement)} ratio={_f(m.magnitude_ratio)} {m.status:<5} {m.name}"
         )
     for label, names in (("Only in A", report.only_a), ("Only in B", report.only_b)):

@@ -3,7 +3,10 @@
 `compare(a, b)` matches modules by path. For each shared module it reports the overlap of
 the top-k left and right singular subspaces (mean cosine of the principal angles, DESIGN.md),
 the cosine between the two updates as vectors and their norm ratio; for the whole pair the
-merge dominance D = |S_A − S_B| / (S_A + S_B) and a verdict. Nothing forms an out×in matrix:
+merge dominance D = |S_A − S_B| / (S_A + S_B) and a verdict. Beside each overlap stands what
+chance gives: for independent uniformly random k-dimensional subspaces of R^n the principal
+angles satisfy E[Σ cos²θᵢ] = tr(E[P₁]E[P₂]) = tr((k/n)I · (k/n)I) = k²/n exactly, so the
+mean cos² is k/n on average; the report gives the measured mean cos² next to k/n. Nothing forms an out×in matrix:
 inner products use the trace identity ⟨s₁B₁A₁, s₂B₂A₂⟩_F = s₁s₂ · tr((B₂ᵀB₁)(A₁A₂ᵀ)).
 
 Writing a merged adapter is `gradience.mechanic.merge`.
@@ -43,6 +46,10 @@ class ModuleComparison:
     magnitude_ratio: float | None = None  # ‖ΔW₁‖_F / ‖ΔW₂‖_F
     frobenius_norm_a: float = 0.0
     frobenius_norm_b: float = 0.0
+    overlap_left_sq: float | None = None  # mean cos² of the same principal angles
+    overlap_right_sq: float | None = None
+    random_overlap_left_sq: float | None = None  # k / out: E[mean cos²] for random subspaces
+    random_overlap_right_sq: float | None = None  # k / in
 
 
 @dataclass(frozen=True)
@@ -61,6 +68,10 @@ class CompareReport:
     magnitude_ratio: float | None  # S_A / S_B
     overlap_left_mean: float | None
     overlap_right_mean: float | None
+    overlap_left_sq_mean: float | None  # measured mean cos², beside ...
+    random_overlap_left_sq_mean: float | None  # ... its expectation for random subspaces (k/n)
+    overlap_right_sq_mean: float | None
+    random_overlap_right_sq_mean: float | None
     verdict: str
     verdict_reason: str
     thresholds: dict[str, float]
@@ -103,9 +114,23 @@ def _inner(m1: LoraModule, m2: LoraModule) -> float:
     return m1.scale * m2.scale * float(np.einsum("ij,ji->", b2.T @ b1, a1 @ a2.T))
 
 
-def _overlap(x: np.ndarray, y: np.ndarray) -> float:
-    """Mean cosine of the principal angles between the column spans of orthonormal x and y."""
-    return float(np.mean(np.clip(np.linalg.svd(x.T @ y, compute_uv=False), 0.0, 1.0)))
+def _overlap(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+    """Mean cos and mean cos² of the principal angles between the column spans of orthonormal x and y."""
+    cos = np.clip(np.linalg.svd(x.T @ y, compute_uv=False), 0.0, 1.0)
+    return float(np.mean(cos)), float(np.mean(np.square(cos)))
+
+
+def random_overlap_sq(k: int, n: int) -> float:
+    """E[mean cos²θ] over the k principal angles of two independent uniform random k-subspaces of R^n: k/n.
+
+    Exact: E[P] = (k/n)·I for a uniform random rank-k projector, so E[Σ cos²θᵢ] =
+    E[tr(P₁P₂)] = tr(E[P₁]E[P₂]) = k²/n.
+
+    Example:
+        >>> random_overlap_sq(4, 64)
+        0.0625
+    """
+    return k / n
 
 
 def _finite(m: LoraModule) -> bool:
@@ -128,10 +153,12 @@ def compare_module(m1: LoraModule, m2: LoraModule, k: int | None = None) -> tupl
     kk = k if k is not None else max(1, min(energy_rank(s1, 0.9), energy_rank(s2, 0.9)))
     kk = min(kk, s1.size, s2.size)
     inner = _inner(m1, m2)
+    (left, left_sq), (right, right_sq) = _overlap(u1[:, :kk], u2[:, :kk]), _overlap(vt1[:kk].T, vt2[:kk].T)
     row = ModuleComparison(
-        k=kk, status="ok", overlap_left=_overlap(u1[:, :kk], u2[:, :kk]),
-        overlap_right=_overlap(vt1[:kk].T, vt2[:kk].T),
+        k=kk, status="ok", overlap_left=left, overlap_right=right,
         agreement=max(-1.0, min(1.0, inner / (n1 * n2))), **base, **norms,  # type: ignore[arg-type]
+        overlap_left_sq=left_sq, overlap_right_sq=right_sq,
+        random_overlap_left_sq=random_overlap_sq(kk, m1.shape[0]), random_overlap_right_sq=random_overlap_sq(kk, m1.shape[1]),
     )
     return row, inner
 
@@ -156,9 +183,11 @@ def compare(a_dir: str | Path, b_dir: str | Path, k: int | None = None) -> Compa
     """
     if k is not None and k < 1:
         raise UsageError(f"--k must be a positive integer, got {k}")
-    _, mods_a, notes_a = load_modules(a_dir, strict=False)
-    _, mods_b, notes_b = load_modules(b_dir, strict=False)
+    ad_a, mods_a, notes_a = load_modules(a_dir, strict=False)
+    ad_b, mods_b, notes_b = load_modules(b_dir, strict=False)
     warnings = notes_a + notes_b
+    for tag, ad in (("A", ad_a), ("B", ad_b)):
+        warnings += [f"adapter {tag}: {w}" for w in (ad.init_warning(), *ad.pattern_overlaps()) if w]
     rows, inner = [], 0.0
     for name, m1 in mods_a.items():
         if name in mods_b:
@@ -171,6 +200,10 @@ def compare(a_dir: str | Path, b_dir: str | Path, k: int | None = None) -> Compa
     ok = [r for r in rows if r.status == "ok"]
     left = float(np.mean([r.overlap_left for r in ok])) if ok else None
     right = float(np.mean([r.overlap_right for r in ok])) if ok else None
+
+    def mean_of(field: str) -> float | None:
+        return float(np.mean([getattr(r, field) for r in ok])) if ok else None
+
     agreement = max(-1.0, min(1.0, inner / (s_a * s_b))) if s_a > 0 and s_b > 0 else None
     dominance = abs(s_a - s_b) / (s_a + s_b) if s_a + s_b > 0 else 0.0
     verdict, reason = _verdict(len(rows), s_a, s_b, dominance, agreement, left, right)
@@ -179,6 +212,9 @@ def compare(a_dir: str | Path, b_dir: str | Path, k: int | None = None) -> Compa
         only_a=tuple(n for n in mods_a if n not in mods_b), only_b=tuple(n for n in mods_b if n not in mods_a),
         frobenius_norm_a=s_a, frobenius_norm_b=s_b, dominance=dominance, agreement=agreement,
         magnitude_ratio=s_a / s_b if s_b > 0 else None, overlap_left_mean=left, overlap_right_mean=right,
+        overlap_left_sq_mean=mean_of("overlap_left_sq"), random_overlap_left_sq_mean=mean_of("random_overlap_left_sq"),
+        overlap_right_sq_mean=mean_of("overlap_right_sq"),
+        random_overlap_right_sq_mean=mean_of("random_overlap_right_sq"),
         verdict=verdict, verdict_reason=reason, thresholds=dict(THRESHOLDS), warnings=tuple(warnings),
         modules=tuple(rows),
     )
