@@ -431,3 +431,28 @@ def test_random_overlap_formula_against_monte_carlo(k: int, n: int) -> None:
         draws.append(np.mean(np.square(np.linalg.svd(q1.T @ q2, compute_uv=False))))
     se = np.std(draws) / np.sqrt(len(draws))
     assert abs(np.mean(draws) - random_overlap_sq(k, n)) < 4 * se
+
+
+# --- case 7 beyond audit: compare and audit --recursive fail on an unreadable module -------------
+
+
+def _break_fc1(directory: Path) -> None:
+    path = directory / "adapter_model.safetensors"
+    tensors = {n: TensorFile(path).read(n) for n in TensorFile(path).names if n != "base_model.model.fc1.lora_B.weight"}
+    save_file(tensors, str(path))
+
+
+def test_compare_and_recursive_audit_exit_1_on_an_unreadable_module(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from gradience.cli import main
+
+    _make(tmp_path / "all" / "a")
+    _make(tmp_path / "all" / "b", seed=2)
+    _break_fc1(tmp_path / "all" / "b")
+    assert main(["compare", str(tmp_path / "all" / "a"), str(tmp_path / "all" / "b"), "--json"]) == 1
+    report = json.loads(capsys.readouterr().out)
+    assert [p["module"] for p in report["problems"]] == ["fc1"] and report["n_shared"] == 1
+    assert main(["audit", "--recursive", str(tmp_path / "all"), "--workers", "1"]) == 1
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [bool(x["report"]["problems"]) for x in lines] == [False, True]

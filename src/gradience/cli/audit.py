@@ -83,7 +83,7 @@ def run_recursive(args: argparse.Namespace) -> int:
         except ValueError as exc:  # a non-finite number in the report: still one line, marked failed
             result = AdapterResult(result.path, False, error=f"report is not JSON-safe ({exc})")
             line = json.dumps(result.to_dict())
-        failed += not result.ok
+        failed += not result.ok or bool(result.report is not None and result.report.problems)
         print(line, flush=True)
     return 1 if failed else 0
 

@@ -24,7 +24,7 @@ def run(args: argparse.Namespace) -> int:
         emit_json(report)
     else:
         print("\n".join(render(report)))
-    return 0
+    return 1 if report.problems else 0  # an unreadable module fails the run; the report still prints
 
 
 def _f(x: float | None) -> str:

@@ -77,25 +77,30 @@ class CompareReport:
     thresholds: dict[str, float]
     warnings: tuple[str, ...]
     modules: tuple[ModuleComparison, ...]
+    problems: tuple[dict[str, str], ...] = ()  # unreadable modules: the CLI exits 1
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
-def load_modules(peft_dir: str | Path, strict: bool) -> tuple[Adapter, dict[str, LoraModule], list[str]]:
+def load_modules(
+    peft_dir: str | Path, strict: bool
+) -> tuple[Adapter, dict[str, LoraModule], list[str], list[dict[str, str]]]:
     """Open an adapter and read its modules by path.
 
     With `strict`, an unreadable or non-finite module or a DoRA adapter is an error (merge);
-    otherwise each is skipped or noted in the returned warnings (compare).
+    otherwise each is skipped, noted in the returned warnings and listed as a problem (compare).
     """
     adapter = Adapter.open(peft_dir)
     mods: dict[str, LoraModule] = {}
     notes: list[str] = []
+    skipped: list[dict[str, str]] = []
     for item in adapter.modules():
         if isinstance(item, ModuleProblem):
             if strict:
                 raise AdapterError(f"{peft_dir}: module {item.name} cannot be read ({item.message})")
             notes.append(f"{peft_dir}: module {item.name} skipped ({item.message})")
+            skipped.append({"adapter": str(peft_dir), "module": item.name, "problem": item.message})
         elif strict and not (np.isfinite(item.lora_A).all() and np.isfinite(item.lora_B).all()):
             raise AdapterError(f"{peft_dir}: module {item.name} holds NaN/Inf weights")
         else:
@@ -104,7 +109,7 @@ def load_modules(peft_dir: str | Path, strict: bool) -> tuple[Adapter, dict[str,
         if strict:
             raise UnsupportedAdapterError(f"{peft_dir}: DoRA adapter; merge supports plain LoRA and rsLoRA only")
         notes.append(f"{peft_dir}: DoRA adapter; only its B·A part is compared")
-    return adapter, mods, notes
+    return adapter, mods, notes, skipped
 
 
 def _inner(m1: LoraModule, m2: LoraModule) -> float:
@@ -183,8 +188,8 @@ def compare(a_dir: str | Path, b_dir: str | Path, k: int | None = None) -> Compa
     """
     if k is not None and k < 1:
         raise UsageError(f"--k must be a positive integer, got {k}")
-    ad_a, mods_a, notes_a = load_modules(a_dir, strict=False)
-    ad_b, mods_b, notes_b = load_modules(b_dir, strict=False)
+    ad_a, mods_a, notes_a, problems_a = load_modules(a_dir, strict=False)
+    ad_b, mods_b, notes_b, problems_b = load_modules(b_dir, strict=False)
     warnings = notes_a + notes_b
     for tag, ad in (("A", ad_a), ("B", ad_b)):
         warnings += [f"adapter {tag}: {w}" for w in (ad.init_warning(), *ad.pattern_overlaps()) if w]
@@ -216,7 +221,7 @@ def compare(a_dir: str | Path, b_dir: str | Path, k: int | None = None) -> Compa
         overlap_right_sq_mean=mean_of("overlap_right_sq"),
         random_overlap_right_sq_mean=mean_of("random_overlap_right_sq"),
         verdict=verdict, verdict_reason=reason, thresholds=dict(THRESHOLDS), warnings=tuple(warnings),
-        modules=tuple(rows),
+        modules=tuple(rows), problems=tuple(problems_a + problems_b),
     )
 
 

@@ -144,14 +144,14 @@ def explain(audit_json: str | Path, module: str) -> Explanation:
     missing = [k for k in _REQUIRED if k not in row]
     if missing:
         raise AuditFileError(f"{audit_json}: module {row.get('name')!r} lacks {', '.join(missing)}")
-    sug = data["suggestion"]
+    sug = data["suggestion"] or {}  # null for an all-zero adapter: no suggestion to explain
     q = float(data.get("energy_fraction", sug.get("energy_fraction", 0.9)))
     sigma = np.asarray([float(x) for x in row["singular_values"]], dtype=np.float64)
     shape = (int(row["shape"][0]), int(row["shape"][1]))
     r = int(row["r"])
     grid = tuple(int(g) for g in sug.get("grid", ()))
     k = row.get("energy_rank")
-    good = [m for m in data["modules"] if m.get("status") != "nonfinite"]
+    good = [m for m in data["modules"] if m.get("status") == "ok"]  # zero updates enter no median
     e = Explanation(
         audit_path=str(audit_json), module=str(row["name"]), type=row.get("type"), layer=row.get("layer"),
         kind=row.get("kind"), shape=shape, r=r, scale=row.get("scale"), status=str(row["status"]),
@@ -200,8 +200,8 @@ def _reasons(e: Explanation) -> list[str]:
     if e.status == "nonfinite":
         return ["NaN/Inf weights: no spectrum, so the module is left out of the aggregates and suggestions."]
     if e.status == "zero" or e.energy_rank is None:
-        return ["All-zero update (untrained, or lora_B still at init): every rank metric is 0; "
-                "a rank_pattern entry falls back to 1."]
+        return ["All-zero update (untrained, or lora_B still at init): every rank metric is 0, the module "
+                "is left out of every aggregate and suggestion, and compress keeps it at rank 1."]
     k = e.energy_rank
     held = e.energy_curve[k - 1]
     out = [f"k@{q} = {k} of r = {e.r}: the top {k} direction(s) hold {held:.1%} of the energy"

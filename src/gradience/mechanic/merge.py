@@ -143,8 +143,8 @@ def merge(
     """
     w = _check_merge_args(weights, method, rank, density)
     out = prepare_out_dir(out_dir, [a_dir, b_dir], force)
-    ad_a, mods_a, _ = load_modules(a_dir, strict=True)
-    ad_b, mods_b, _ = load_modules(b_dir, strict=True)
+    ad_a, mods_a, *_ = load_modules(a_dir, strict=True)
+    ad_b, mods_b, *_ = load_modules(b_dir, strict=True)
     st = ad_a.settings
     keys = {"a": module_keys(ad_a), "b": module_keys(ad_b)}
     rng = np.random.default_rng(seed)
