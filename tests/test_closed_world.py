@@ -228,12 +228,18 @@ def test_an_unknown_tensor_under_a_module_refuses_it_by_name(tmp_path: Path) -> 
 # --- case 3: PiSSA-style init ---------------------------------------------------------------------
 
 
-def test_unconverted_pissa_adapter_is_warned_everywhere(tmp_path: Path) -> None:
+def _pissa(directory: Path) -> Any:
+    """An untrained PiSSA adapter on Net (PEFT moves the top singular directions of W into B·A), saved."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model = peft.get_peft_model(Net(), peft.LoraConfig(r=4, lora_alpha=4, target_modules=["fc1", "fc2"],
-                                                           init_lora_weights="pissa"))  # fmt: skip
-        model.save_pretrained(tmp_path / "p")
+        config = peft.LoraConfig(r=4, lora_alpha=4, target_modules=["fc1", "fc2"], init_lora_weights="pissa")
+        model = peft.get_peft_model(Net(), config)
+        model.save_pretrained(directory)
+    return model
+
+
+def test_unconverted_pissa_adapter_is_warned_everywhere(tmp_path: Path) -> None:
+    model = _pissa(tmp_path / "p")
     with torch.no_grad():  # untrained: the model is the base, yet B·A is far from zero
         np.testing.assert_allclose(model(X.float()).numpy(), Net()(X.float()).numpy(), atol=1e-5)
     report = audit(tmp_path / "p")
@@ -245,11 +251,9 @@ def test_unconverted_pissa_adapter_is_warned_everywhere(tmp_path: Path) -> None:
 
 
 def test_converted_pissa_adapter_is_plain_lora_and_matches_peft(tmp_path: Path) -> None:
+    model = _pissa(tmp_path / "init")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model = peft.get_peft_model(Net(), peft.LoraConfig(r=4, lora_alpha=4, target_modules=["fc1", "fc2"],
-                                                           init_lora_weights="pissa"))  # fmt: skip
-        model.save_pretrained(tmp_path / "init")
         with torch.no_grad():
             for name, p in model.named_parameters():
                 if ".lora_" in name:
