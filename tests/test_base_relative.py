@@ -162,6 +162,21 @@ def test_llama_sharded_base_gives_exact_ratios(tmp_path: Path) -> None:
     json.dumps(d, allow_nan=False)
 
 
+def test_updates_larger_than_their_base_weight_are_flagged(tmp_path: Path) -> None:
+    weights = write_llama_base(tmp_path / "base")
+    s_w = exact_norms(weights["model.layers.0.self_attn.q_proj.weight"])[0]
+    mods = {
+        "model.layers.0.self_attn.q_proj": ModuleSpec(*LLAMA_SHAPES["q_proj"], [2.0 * s_w, 0.1]),  # |dW|_2 = 2 |W|_2
+        "model.layers.1.mlp.down_proj": ModuleSpec(*LLAMA_SHAPES["down_proj"], [0.5]),
+    }
+    peft = write_adapter(tmp_path / "peft", AdapterSpec(modules=mods, r=4, lora_alpha=8))
+    report = audit(peft, base_model=tmp_path / "base", base_cache=tmp_path / "c.json")
+    flagged = [w for w in report.warnings if "larger than their base weight" in w]
+    assert len(flagged) == 1 and flagged[0].endswith(": model.layers.0.self_attn.q_proj")
+    row = next(m for m in report.least_rank_used if m.name == "model.layers.0.self_attn.q_proj")
+    assert row.rel_spectral == pytest.approx(2.0, rel=1e-4)  # shown beside utilization in the list
+
+
 def test_without_base_model_the_json_has_no_base_keys(tmp_path: Path) -> None:
     d = audit(llama_adapter(tmp_path / "peft")).to_dict()
     assert "base_relative" not in d

@@ -288,6 +288,12 @@ def test_zero_modules_enter_no_aggregate_and_no_suggestion(tmp_path: Path) -> No
         assert getattr(report.summary, field) == getattr(trained_only.summary, field)
     assert set(report.suggestion.rank_pattern) == {m for m in _zeros_spec(3, 0).modules}
     assert all(m.status == "ok" for m in report.least_rank_used)
+    shares = {m.name: m.energy_share for m in report.modules}
+    assert [shares[n] for n in report.summary.zero_modules] == [None] * 4
+    total = sum(m.frobenius_norm**2 for m in report.modules if m.status == "ok")  # type: ignore[operator]
+    for m in report.modules:
+        if m.status == "ok":
+            assert m.energy_share == pytest.approx(m.frobenius_norm**2 / total)  # type: ignore[operator]
     out = compress(d, tmp_path / "c", policy="median")
     ranks = {m.name: m.r_after for m in out.modules}
     assert all(ranks[n] == 4 for n in _zeros_spec(3, 0).modules) and sorted(ranks.values()).count(1) == 4

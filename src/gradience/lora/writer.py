@@ -87,7 +87,7 @@ def module_keys(adapter: Adapter) -> dict[str, tuple[str, str]]:
     found: dict[str, dict[str, str]] = {}
     for info in adapter.file:
         parsed = parse_lora_key(info.name)
-        if parsed is not None and parsed[1] != "lora_magnitude_vector":
+        if parsed is not None and parsed[1] in ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B"):
             found.setdefault(parsed[0], {})[parsed[1][-1]] = info.name
     return {m: (d["A"], d["B"]) for m, d in found.items() if "A" in d and "B" in d}
 
