@@ -65,19 +65,24 @@ class LoraSettings:
     task_type: str | None = None
     peft_type: str = "LORA"
     raw: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False)
+    # A linter (`gradience check`) holds what the file says so it can report each fault as a
+    # finding: pattern keys PEFT would refuse (rank 0, an invalid regex) are then kept.
+    lint: bool = field(default=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         """The same one-line errors a file gets, for settings built in code."""
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
             raise AdapterError(f"`r` must be a positive integer, got {self.r!r}")
-        for key, rank in self.rank_pattern.items():
-            if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
-                raise AdapterError(f"`rank_pattern[{key!r}]` must be a positive integer, got {rank!r}")
         alphas = [("lora_alpha", self.lora_alpha)]
         alphas += [(f"alpha_pattern[{k!r}]", v) for k, v in self.alpha_pattern.items()]
         for label, alpha in alphas:  # NaN / Infinity parse as JSON; PEFT would scale by them
             if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
                 raise AdapterError(f"`{label}` must be a finite number, got {alpha!r}")
+        if self.lint:
+            return
+        for key, rank in self.rank_pattern.items():
+            if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
+                raise AdapterError(f"`rank_pattern[{key!r}]` must be a positive integer, got {rank!r}")
         for label, pattern in (("rank_pattern", self.rank_pattern), ("alpha_pattern", self.alpha_pattern)):
             for key in pattern:
                 why = invalid_pattern_key(key)
@@ -117,7 +122,7 @@ class LoraSettings:
         return out
 
     @classmethod
-    def from_dict(cls, cfg: Mapping[str, Any], source: str = CONFIG_NAME) -> LoraSettings:
+    def from_dict(cls, cfg: Mapping[str, Any], source: str = CONFIG_NAME, lint: bool = False) -> LoraSettings:
         peft_type = str(cfg.get("peft_type", "LORA")).upper()
         if peft_type != "LORA":
             raise UnsupportedAdapterError(
@@ -131,7 +136,7 @@ class LoraSettings:
                 rank_pattern={str(k): int(v) for k, v in (cfg.get("rank_pattern") or {}).items()},
                 alpha_pattern={str(k): float(v) for k, v in (cfg.get("alpha_pattern") or {}).items()},
                 target_modules=cfg.get("target_modules"), base_model_name_or_path=cfg.get("base_model_name_or_path"),
-                task_type=cfg.get("task_type"), peft_type=peft_type, raw=dict(cfg),
+                task_type=cfg.get("task_type"), peft_type=peft_type, raw=dict(cfg), lint=lint,
             )
         except (TypeError, ValueError, AttributeError, OverflowError) as exc:  # e.g. r: Infinity
             raise AdapterError(f"{source}: invalid LoRA setting ({exc})") from None
@@ -218,8 +223,8 @@ def _find_weights(peft_dir: Path) -> Path:
     raise UsageError(f"{peft_dir}: no adapter_model.safetensors or adapter_model.bin")
 
 
-def load_settings(path: Path) -> LoraSettings:
-    """Parse an `adapter_config.json` into `LoraSettings` with one-line errors."""
+def load_settings(path: Path, lint: bool = False) -> LoraSettings:
+    """Parse an `adapter_config.json` into `LoraSettings` with one-line errors (`lint`: see `LoraSettings.lint`)."""
     try:
         cfg = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -230,7 +235,7 @@ def load_settings(path: Path) -> LoraSettings:
         raise AdapterError(f"{path}: invalid JSON ({exc})") from None
     if not isinstance(cfg, dict):
         raise AdapterError(f"{path}: expected a JSON object")
-    return LoraSettings.from_dict(cfg, source=str(path))
+    return LoraSettings.from_dict(cfg, source=str(path), lint=lint)
 
 
 class Adapter:

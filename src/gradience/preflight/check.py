@@ -122,7 +122,7 @@ def check(
     """
     profile = resolve_profile(task)
     config_path = locate_file(Path(peft_dir), CONFIG_NAME, "adapter config")
-    settings = load_settings(config_path)
+    settings = load_settings(config_path, lint=True)  # faults PEFT refuses become findings
     training = load_training_args(training_dir) if training_dir is not None else None
     model = load_model_config(model_config, [d for d in (training_dir, peft_dir) if d is not None])
     skipped: list[str] = []  # the rules append what they could not check
