@@ -134,6 +134,16 @@ def test_merge_with_a_negative_weight_keeps_the_sign(tmp_path: Path) -> None:
     assert any("negative weight" in w for w in report.warnings)
 
 
+def test_merge_of_a_biased_and_an_unbiased_adapter_carries_the_one_bias(tmp_path: Path) -> None:
+    a = _make(tmp_path / "a", lora_bias=True, seed=1)
+    b = _make(tmp_path / "b", seed=2)
+    merge(tmp_path / "a", tmp_path / "b", tmp_path / "m", weights=(0.7, 0.3))
+    assert json.loads((tmp_path / "m" / "adapter_config.json").read_text())["lora_bias"] is True
+    merged = _load(tmp_path / "m")
+    for name in ("fc1", "fc2"):
+        np.testing.assert_allclose(_delta(merged, name), 0.7 * _delta(a, name) + 0.3 * _delta(b, name), atol=1e-6)
+
+
 def test_merge_says_when_weights_sum_past_one_and_flags_one_sided_heads(tmp_path: Path) -> None:
     _make(tmp_path / "a")
     _make(tmp_path / "b", seed=2, modules_to_save=["head"])
