@@ -105,8 +105,15 @@ def test_lead_verdict_counts_lags_the_fill_moved_onto_minus_one(script: ModuleTy
     matched = script.analyze(logs, METRICS, max_lag=script.MAX_LAG)  # best lag 0 everywhere
     filled = {seed: {m: {"gradience_differences": -1 if seed == 2 else 0, "gradience_levels": 0}
                      for m in METRICS} for seed in seeds}  # fmt: skip
+    # One filled pair carries its cross-correlation: loss one interval behind a random walk.
+    walk = np.random.default_rng(7).normal(0.0, 1.0, 60).cumsum()
+    lagging = script.ccf(walk[:-1], walk[1:], script.MAX_LAG, "differences")
+    assert lagging.best_lag == -1 and lagging.significant
+    filled[2]["sigma_max"]["ccf_differences"] = lagging
     lines = script.lead_verdict(matched, filled)
     assert "differences: 4 of 12 pairs after the forward fill, 0 of 12 in the same runs" in lines[0]
     assert "frobenius_norm seed 2 (0 → −1)" in lines[0] and "seed 1" not in lines[0]
     assert "levels: 0 of 12 pairs after the forward fill" in lines[1]
-    assert "manufactures the note's one-interval lead as a best lag in 4 of 24" in lines[2]
+    expected = f"sigma_max seed 2 (0 → −1, ccf {lagging.best_value:+.2f} outside ±{lagging.band:.2f})"
+    assert lagging.best_value > 0.9 and expected in lines[0]
+    assert "as a best lag in 4 of 24 metric×seed×basis cases, 1 of them with a peak outside" in lines[2]
