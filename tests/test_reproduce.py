@@ -91,3 +91,29 @@ def test_reuse_writes_the_doc_from_the_logs(script: ModuleType, tmp_path: Path) 
     assert "| frobenius_norm | -1.000 / 0 | -1.000 / 0 | -1.000 / 0 | 1.000 |" in text
     assert "refused, refused, refused |" in text
     assert "refused lead/lag in 12 of 12 pairs" in text
+    # Loss is exactly 20 - structure, so every matched cross-correlation peaks at lag 0 with -1
+    # (4 metrics x (3 seeds + mean) x 2 bases); the stale forward-filled values never reach -1.
+    assert "| metric | seed | lag -3 | lag -2 | lag -1 | lag 0 | lag +1 | lag +2 | lag +3 |" in text
+    assert text.count("| **-1.00** |") == 32
+    assert "Cross-correlation, forward-filled mismatched cadence, differences" in text
+    assert "moved onto −1 by the fill: 0." in text
+
+
+def test_lead_verdict_counts_lags_the_fill_moved_onto_minus_one(script: ModuleType, tmp_path: Path) -> None:
+    seeds = [1, 2, 3]
+    logs = [write_log(tmp_path / f"s{seed}" / "run.jsonl", seed) for seed in seeds]
+    matched = script.analyze(logs, METRICS, max_lag=script.MAX_LAG)  # best lag 0 everywhere
+    filled = {seed: {m: {"gradience_differences": -1 if seed == 2 else 0, "gradience_levels": 0}
+                     for m in METRICS} for seed in seeds}  # fmt: skip
+    # One filled pair carries its cross-correlation: loss one interval behind a random walk.
+    walk = np.random.default_rng(7).normal(0.0, 1.0, 60).cumsum()
+    lagging = script.ccf(walk[:-1], walk[1:], script.MAX_LAG, "differences")
+    assert lagging.best_lag == -1 and lagging.significant
+    filled[2]["sigma_max"]["ccf_differences"] = lagging
+    lines = script.lead_verdict(matched, filled)
+    assert "differences: 4 of 12 pairs after the forward fill, 0 of 12 in the same runs" in lines[0]
+    assert "frobenius_norm seed 2 (0 → −1)" in lines[0] and "seed 1" not in lines[0]
+    assert "levels: 0 of 12 pairs after the forward fill" in lines[1]
+    expected = f"sigma_max seed 2 (0 → −1, ccf {lagging.best_value:+.2f} outside ±{lagging.band:.2f})"
+    assert lagging.best_value > 0.9 and expected in lines[0]
+    assert "as a best lag in 4 of 24 metric×seed×basis cases, 1 of them with a peak outside" in lines[2]
