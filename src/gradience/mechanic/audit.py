@@ -143,7 +143,7 @@ class AuditReport:
     base_relative: BaseRelativeSummary | None = None  # with --base-model only
 
     def to_dict(self, include_modules: bool = True) -> dict[str, Any]:
-        d = asdict(self)
+        d = asdict(self if include_modules else replace(self, modules=()))  # never copy rows it drops
         if not include_modules:
             d.pop("modules")
         if self.base_relative is None:  # without --base-model the JSON is what it always was
@@ -283,6 +283,14 @@ def _mean(xs: Sequence[float]) -> float:
     return float(np.mean(xs)) if xs else 0.0
 
 
+def _median(xs: Sequence[float]) -> float:
+    """np.median's value (the mean of the middle two), without the numpy.ma import its NaN check costs."""
+    if not xs:
+        return 0.0
+    s, n = sorted(xs), len(xs)
+    return float(s[n // 2]) if n % 2 else float(np.mean(s[n // 2 - 1 : n // 2 + 1]))
+
+
 def _pct(xs: Sequence[float], q: float) -> float:
     return float(np.percentile(xs, q)) if xs else 0.0
 
@@ -294,8 +302,8 @@ def _summary(rows: list[ModuleAudit], good: list[ModuleAudit]) -> Summary:
     return Summary(
         lora_params=sum(m.params for m in rows), n_modules=len(rows),
         n_layers=len({m.layer for m in rows if m.layer is not None}),
-        stable_rank_mean=_mean(sr), stable_rank_median=float(np.median(sr)) if sr else 0.0,
-        utilization_mean=_mean(ut), utilization_median=float(np.median(ut)) if ut else 0.0,
+        stable_rank_mean=_mean(sr), stable_rank_median=_median(sr),
+        utilization_mean=_mean(ut), utilization_median=_median(ut),
         energy_rank_p50=_pct(er, 50), energy_rank_p90=_pct(er, 90),
         effective_rank_mean=_mean([m.effective_rank or 0.0 for m in good]),
         frobenius_norm_total=math.sqrt(sum((m.frobenius_norm or 0.0) ** 2 for m in good)),
