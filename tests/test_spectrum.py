@@ -325,3 +325,18 @@ def test_both_routes_agree_on_random_scaled_factors(
     if core is not None:
         np.testing.assert_allclose(np.linalg.svd(core, compute_uv=False), ref, rtol=1e-10)
     np.testing.assert_allclose(core_singular_values(a, b), ref, rtol=1e-10)
+
+
+def test_gram_route_takes_cholesky_or_the_symmetric_root_with_the_same_values() -> None:
+    from gradience.spectrum import singular_values_from_grams
+
+    sigma = np.array([5.0, 2.0, 1.0, 0.5])
+    a, b = graded_factors(512, 256, sigma, seed=9)
+    g_a, g_b = a @ a.T, b.T @ b
+    np.linalg.cholesky(g_b)  # positive definite: the Cholesky branch
+    np.testing.assert_allclose(singular_values_from_grams(g_a, g_b, 4, scale=-2.0), 2.0 * sigma, rtol=1e-12)
+    b[:, 1] = 0.0  # BᵀB singular: Cholesky fails, the symmetric root answers
+    with pytest.raises(np.linalg.LinAlgError):
+        np.linalg.cholesky(b.T @ b)
+    got = singular_values_from_grams(a @ a.T, b.T @ b, 4)
+    np.testing.assert_allclose(got, np.linalg.svd(b @ a, compute_uv=False)[:4], rtol=0, atol=1e-12 * sigma[0])

@@ -169,7 +169,8 @@ def gram_matrices(lora_A: Any, lora_B: Any) -> tuple[Any, Any]:
 def singular_values_from_grams(g_a: np.ndarray, g_b: np.ndarray, k: int, scale: float = 1.0) -> np.ndarray:
     """The k largest singular values of s·B·A from its Gram matrices, descending, float64.
 
-    σ(B·A)² are the eigenvalues of S·(A Aᵀ)·S with S = (BᵀB)^½, a symmetric r×r problem.
+    σ(B·A)² are the eigenvalues of Sᵀ·(A Aᵀ)·S for any S with S Sᵀ = BᵀB: the Cholesky
+    factor where BᵀB is positive definite, else the symmetric root (BᵀB)^½.
     The price of the Gram route is absolute precision: each σ² is exact to about
     eps · ‖B‖²‖A‖², so a singular value is known only to about √eps · σ_max (~3e-4 · σ_max
     from float32 products, ~1e-8 from float64), while every structural metric (norms,
@@ -177,9 +178,16 @@ def singular_values_from_grams(g_a: np.ndarray, g_b: np.ndarray, k: int, scale: 
     must resolve tiny singular values, uses `core_singular_values`.
     """
     g_a, g_b = np.asarray(g_a, dtype=np.float64), np.asarray(g_b, dtype=np.float64)
-    lam, vec = np.linalg.eigh(g_b)
-    root = (vec * np.sqrt(lam.clip(min=0.0))[..., None, :]) @ vec.swapaxes(-1, -2)
-    sq = np.linalg.eigvalsh(root @ g_a @ root).clip(min=0.0)  # ascending
+    try:
+        # Any factor with RᵀR = BᵀB serves as S: Cholesky's L (BᵀB = L Lᵀ) gives Lᵀ(AAᵀ)L,
+        # one symmetric eigen-solve instead of two, with the same absolute precision.
+        lower = np.linalg.cholesky(g_b)
+        core = lower.swapaxes(-1, -2) @ g_a @ lower
+    except np.linalg.LinAlgError:  # a singular BᵀB (B = 0 at the start of training, dead columns)
+        lam, vec = np.linalg.eigh(g_b)
+        root = (vec * np.sqrt(lam.clip(min=0.0))[..., None, :]) @ vec.swapaxes(-1, -2)
+        core = root @ g_a @ root
+    sq = np.linalg.eigvalsh(core).clip(min=0.0)  # ascending
     return np.sqrt(sq[..., ::-1][..., :k]) * abs(float(scale))
 
 
