@@ -93,7 +93,7 @@ def whole_process(directory: Path, exe: str | None = None) -> tuple[float, float
 
 
 def load() -> str:
-    return "load %.2f" % os.getloadavg()[0]
+    return f"load {os.getloadavg()[0]:.2f}"
 
 
 def read_bytes(path: Path) -> float:
