@@ -231,7 +231,9 @@ def zero3(out: Path) -> None:
                               "accelerator": deepspeed.get_accelerator().device_name()}  # fmt: skip
     model = tiny_model(random_b=True)
     config = {"train_micro_batch_size_per_gpu": 8, "gradient_accumulation_steps": 1,
-              "zero_optimization": {"stage": 3}, "gradient_clipping": 0.0,
+              # threshold 0: else parameters this small stay whole ("persistent") on every rank
+              "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
+              "gradient_clipping": 0.0,
               "zero_allow_untested_optimizer": True}  # SGD: a torch optimizer, fine for one step  # fmt: skip
     params = [p for p in model.parameters() if p.requires_grad]
     engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.SGD(params, lr=0.5), config=config)
@@ -240,8 +242,9 @@ def zero3(out: Path) -> None:
     engine.backward(loss)
     engine.step()
     weight = engine.module.base_model.model.bert.encoder.layer[0].attention.self.query.lora_A["default"].weight
-    result["local_numel"] = int(weight.numel())  # 0 on a ZeRO-3 partitioned parameter
-    result["ds_id"] = hasattr(weight, "ds_id")
+    # a partitioned parameter holds an empty tensor between gathers, and its shard in ds_tensor
+    result["local_numel"], result["ds_numel"] = int(weight.data.numel()), int(weight.ds_numel)
+    result["shard_numel"], result["ds_status"] = int(weight.ds_tensor.numel()), str(weight.ds_status)
     result["is_sharded"] = is_sharded(engine.module)
     snap = take_snapshot(engine.module, compute=rank == 0)
     if snap is not None:
