@@ -435,7 +435,7 @@ def test_missing_dependency_names_the_extra(
     real = importlib.util.find_spec
 
     def fake(name: str, *args: Any) -> Any:
-        return None if name == "statsmodels" else real(name, *args)
+        return None if name == "scipy" else real(name, *args)  # the one statistics dependency left
 
     monkeypatch.setattr(importlib.util, "find_spec", fake)
     with pytest.raises(MissingDependencyError, match=r"pip install gradience\[analysis\]"):
