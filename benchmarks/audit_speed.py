@@ -8,9 +8,16 @@ k/v 1024 out × 4096 in; r=32), then measures in one run, side by side:
 - the in-process audit time, and its ratio to the read time;
 - a dense baseline: forming ΔW and taking its full SVD, timed on a few modules and
   extrapolated to all of them;
-- whether `import gradience` or the audit path imports torch.
+- whether `import gradience` or the audit path imports torch;
+- with `--anchor PATH` (another `gradience` console script, e.g. gradience 0.11.0 in a
+  throwaway venv: `python3 -m venv /tmp/anchor && /tmp/anchor/bin/pip install gradience==0.11.0`),
+  the same whole-process audit by that script, runs interleaved with ours, and the ratio.
 
-Usage: python benchmarks/audit_speed.py [--layers 32] [--rank 32] [--repeats 3]
+Every figure carries the machine's load (os.getloadavg, 1 min) when it was taken: on a shared
+machine the medians move with it.
+
+Usage: python benchmarks/audit_speed.py [--layers 32] [--rank 32] [--repeats 3] [--anchor PATH]
+       [--dense-modules 2]   (0 skips the slow dense baseline)
 """
 
 from __future__ import annotations
@@ -65,18 +72,28 @@ t = time.perf_counter()
 pid = os.posix_spawn(sys.argv[1], sys.argv[1:], os.environ,
                      file_actions=[(os.POSIX_SPAWN_OPEN, 1, os.devnull, os.O_WRONLY, 0)])
 _, status, usage = os.wait4(pid, 0)
-print(time.perf_counter() - t, usage.ru_maxrss, os.waitstatus_to_exitcode(status))
+print(time.perf_counter() - t, usage.ru_maxrss, os.waitstatus_to_exitcode(status), usage.ru_utime + usage.ru_stime)
 """
 
 
-def whole_process(directory: Path) -> tuple[float, float]:
-    """Wall seconds and peak RSS (MiB) of one `gradience audit --json` process."""
-    exe = str(Path(sys.executable).parent / "gradience")
+def whole_process(directory: Path, exe: str | None = None) -> tuple[float, float, float]:
+    """Wall seconds, peak RSS (MiB) and CPU seconds (user + system) of one `gradience audit
+    --json` process (`exe`: another console script, such as an older release's). CPU time is
+    the figure a loaded machine disturbs least: wall time also counts waiting for a core."""
+    env = dict(os.environ)
+    if exe:
+        env.pop("PYTHONPATH", None)  # our sources on the path would shadow the other release's
+    exe = exe or str(Path(sys.executable).parent / "gradience")
     cmd = [sys.executable, "-S", "-c", _LAUNCHER, exe, "audit", "--peft-dir", str(directory), "--json"]
-    wall, rss_kib, code = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.split()
+    run = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env)
+    wall, rss_kib, code, cpu = run.stdout.split()
     if int(code) != 0:
-        raise SystemExit("gradience audit failed")
-    return float(wall), int(rss_kib) / 1024.0
+        raise SystemExit(f"{exe} audit failed")
+    return float(wall), int(rss_kib) / 1024.0, float(cpu)
+
+
+def load() -> str:
+    return f"load {os.getloadavg()[0]:.2f}"
 
 
 def read_bytes(path: Path) -> float:
@@ -121,6 +138,8 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=32)
     parser.add_argument("--rank", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--anchor", help="another `gradience` console script to time side by side")
+    parser.add_argument("--dense-modules", type=int, default=2, help="modules for the dense baseline (0: skip)")
     args = parser.parse_args()
 
     directory = write_adapter(OUT, args.layers, args.rank)
@@ -129,23 +148,40 @@ def main() -> None:
     n_modules = args.layers * len(SHAPES)
     read_bytes(weights)  # warm the page cache so every figure below reads from memory
 
-    procs = [whole_process(directory) for _ in range(args.repeats)]
+    print(f"adapter: {n_modules} modules, r={args.rank}, bf16, {size_mib:.1f} MiB ({weights})")
+    procs, anchor = [], []
+    load_before = load()
+    for _ in range(args.repeats):  # interleaved, so both see the same load
+        procs.append(whole_process(directory))
+        if args.anchor:
+            anchor.append(whole_process(directory, args.anchor))
     wall = statistics.median(p[0] for p in procs)
+    cpu = statistics.median(p[2] for p in procs)
     rss = max(p[1] for p in procs)
+    print(f"whole process `gradience audit --json`: {wall:.3f} s wall (median of {args.repeats}; runs:"
+          f" {', '.join(f'{p[0]:.3f}' for p in procs)})   target < 0.5 s   [{load_before} -> {load()}]")
+    print(f"  CPU time of that process (user + sys): {cpu:.3f} s (median)")
+    if anchor:
+        anchor_wall = statistics.median(p[0] for p in anchor)
+        anchor_cpu = statistics.median(p[2] for p in anchor)
+        print(f"anchor `{args.anchor} audit --json`: {anchor_wall:.3f} s wall (median of {args.repeats}; runs:"
+              f" {', '.join(f'{p[0]:.3f}' for p in anchor)}), {anchor_cpu:.3f} s CPU,"
+              f" peak RSS {max(p[1] for p in anchor):.1f} MiB")
+        print(f"ratio anchor / ours, same run: {anchor_wall / wall:.2f}x wall, {anchor_cpu / cpu:.2f}x CPU"
+              f"   target >= 6x   [{load()}]")
+    print(f"peak RSS of that process: {rss:.1f} MiB = {rss / size_mib:.2f}x file size   target < 1.5x")
     read = statistics.median(read_bytes(weights) for _ in range(args.repeats))
+    print(f"read the file's bytes: {read * 1000:.1f} ms   [{load()}]")
     inproc = statistics.median(in_process_audit(directory) for _ in range(args.repeats))
-    dense_per_module, n_dense = dense_baseline(directory)
+    print(f"in-process audit (read + core + report): {inproc * 1000:.1f} ms = {inproc / read:.1f}x read time"
+          f"   target < 2x   [{load()}]")
+    if args.dense_modules > 0:
+        dense_per_module, n_dense = dense_baseline(directory, args.dense_modules)
+        print(f"dense baseline (form dW, full SVD): {dense_per_module:.3f} s/module on {n_dense} modules"
+              f" -> ~{dense_per_module * n_modules:.0f} s for all {n_modules}; the factored audit is"
+              f" {dense_per_module * n_modules / inproc:.0f}x faster   [{load()}]")
     torch_on_import = imports_torch("import gradience")
     torch_on_audit = imports_torch(f"from gradience.mechanic.audit import audit; audit({str(directory)!r})")
-
-    print(f"adapter: {n_modules} modules, r={args.rank}, bf16, {size_mib:.1f} MiB ({weights})")
-    print(f"whole process `gradience audit --json`: {wall:.3f} s wall (median of {args.repeats})   target < 1 s")
-    print(f"peak RSS of that process: {rss:.1f} MiB = {rss / size_mib:.2f}x file size   target < 1.5x")
-    print(f"read the file's bytes: {read * 1000:.1f} ms")
-    print(f"in-process audit (read + QR core + report): {inproc * 1000:.1f} ms = {inproc / read:.1f}x read time   target < 2x")
-    print(f"dense baseline (form dW, full SVD): {dense_per_module:.3f} s/module on {n_dense} modules"
-          f" -> ~{dense_per_module * n_modules:.0f} s for all {n_modules}; the QR audit is"
-          f" {dense_per_module * n_modules / inproc:.0f}x faster")
     print(f"torch imported by `import gradience`: {torch_on_import}; by the audit path: {torch_on_audit}")
 
 

@@ -435,7 +435,7 @@ def test_missing_dependency_names_the_extra(
     real = importlib.util.find_spec
 
     def fake(name: str, *args: Any) -> Any:
-        return None if name == "statsmodels" else real(name, *args)
+        return None if name == "scipy" else real(name, *args)  # the one statistics dependency left
 
     monkeypatch.setattr(importlib.util, "find_spec", fake)
     with pytest.raises(MissingDependencyError, match=r"pip install gradience\[analysis\]"):
@@ -519,3 +519,64 @@ def test_irregular_eval_grid_and_declared_interval_are_noted(tmp_path: Path) -> 
     notes = analyze(log, metrics=["frobenius_norm"]).runs[0].notes
     assert any("irregular (1 gaps differ from 10 steps)" in note for note in notes)
     assert any("declares structural_interval=5" in note for note in notes)
+
+
+# ----------------------------------------------- numpy statistics against scipy / statsmodels
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(3, 60), st.integers(0, 2**31 - 1), st.floats(-0.99, 0.99), st.booleans())
+def test_pearson_and_spearman_equal_scipy(n: int, seed: int, rho: float, ties: bool) -> None:
+    from scipy import stats
+
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal(n)
+    y = rho * x + math.sqrt(1 - rho * rho) * rng.standard_normal(n)
+    if ties:  # rounded values: tied ranks, the average-rank rule
+        x, y = np.round(x, 1), np.round(y, 1)
+    for ours, theirs in ((pearson, stats.pearsonr), (spearman, stats.spearmanr)):
+        got = ours(x, y)
+        if got.reason is not None:  # a constant series after rounding
+            continue
+        ref = theirs(x, y)
+        assert got.r == pytest.approx(float(ref[0]), rel=1e-12, abs=1e-12)
+        if math.isfinite(float(ref[1])):
+            assert got.p == pytest.approx(float(ref[1]), rel=1e-9, abs=1e-300)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 4), st.integers(0, 2**31 - 1), st.floats(0.0, 1.5), st.integers(0, 40))
+def test_granger_equals_statsmodels_ssr_ftest(max_lag: int, seed: int, lead: float, extra: int) -> None:
+    import warnings
+
+    from statsmodels.tsa.stattools import grangercausalitytests
+
+    rng = np.random.default_rng(seed)
+    n = 3 * max_lag + 4 + extra
+    cause = rng.standard_normal(n)
+    effect = lead * np.r_[0.0, cause[:-1]] + rng.standard_normal(n)
+    test, reason = granger_test(cause, effect, max_lag)
+    assert test is not None, reason
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref = grangercausalitytests(np.column_stack([effect, cause]), max_lag)
+    for k in range(1, max_lag + 1):
+        f_ref, p_ref = ref[k][0]["ssr_ftest"][:2]
+        assert test.f_values[k - 1] == pytest.approx(f_ref, rel=1e-8)
+        assert test.p_values[k - 1] == pytest.approx(p_ref, rel=1e-7, abs=1e-300)
+
+
+def test_granger_with_a_constant_lag_column_says_so_as_statsmodels_does() -> None:
+    cause = np.r_[np.zeros(12), np.arange(1.0, 9.0)]  # the first lags of cause are all zero
+    effect = np.random.default_rng(0).standard_normal(20)
+    test, reason = granger_test(cause[:14], effect[:14], 3)
+    assert test is None and reason is not None and "constant values" in reason
+
+
+def test_analyze_imports_neither_scipy_stats_nor_statsmodels() -> None:
+    code = ("import sys, numpy as np; from gradience.analysis import granger, spearman, pearson; "
+            "rng = np.random.default_rng(0); s = rng.standard_normal(50).cumsum(); e = s + rng.standard_normal(50); "
+            "granger(s, e); spearman(s, e); pearson(s, e); "
+            "print(sorted(m for m in sys.modules if m.startswith(('statsmodels', 'scipy.stats', 'pandas'))))")  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

@@ -151,6 +151,30 @@ def test_a_rank_0_only_failure_disables_snapshots_on_every_rank_without_a_hang(
     assert records[-1]["event"] == "run_end"
 
 
+# -- DeepSpeed ZeRO-3 on its CPU accelerator (gloo) --------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def zero3_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    pytest.importorskip("deepspeed")
+    out = tmp_path_factory.mktemp("zero3")
+    _torchrun("zero3", out)
+    result: dict[str, Any] = json.loads((out / "zero3.json").read_text())
+    return result
+
+
+def test_zero3_snapshot_gathers_partitioned_factors_to_the_unsharded_numbers(zero3_run: dict[str, Any]) -> None:
+    assert zero3_run["world_size"] == 2 and zero3_run["accelerator"] == "cpu"
+    # the factors really were partitioned: an empty local tensor, half of them in each shard
+    assert zero3_run["is_sharded"] and zero3_run["ds_status"].endswith("NOT_AVAILABLE")
+    assert zero3_run["local_numel"] == 0 and zero3_run["shard_numel"] * 2 == zero3_run["ds_numel"] == 128
+    ref = zero3_run["reference"]
+    assert set(zero3_run["modules"]) == set(ref["modules"])
+    for name, metrics in ref["modules"].items():
+        for key, value in metrics.items():
+            assert zero3_run["modules"][name][key] == pytest.approx(value, rel=1e-6), (name, key)
+
+
 # -- single-process pieces -----------------------------------------------------------------
 
 

@@ -11,13 +11,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gradience.spectrum import (
+    _qr_core,
+    cholesky_core,
     core_singular_values,
     core_svd,
     energy_rank,
     gram_singular_values,
     spectrum_metrics,
 )
-from tests.factories import expected_metrics, factors
+from tests.factories import expected_metrics, factors, orthonormal
 
 REL = 1e-6
 
@@ -218,3 +220,123 @@ def test_core_svd_property_reconstruction_and_orthonormality(
     np.testing.assert_allclose(u.T @ u, np.eye(k), atol=1e-10)
     np.testing.assert_allclose(vt @ vt.T, np.eye(k), atol=1e-10)
     np.testing.assert_allclose(sigma, core_singular_values(a, b, scale), rtol=1e-12, atol=1e-12)
+
+
+# --- CholeskyQR and its guard: every metric exact to 1e-10, tiny values as exact as QR ------
+
+
+def householder_singular_values(a: np.ndarray, b: np.ndarray, scale: float = 1.0) -> np.ndarray:
+    """The reference route: Householder QR of both factors, then the r×r core's SVD."""
+    return np.linalg.svd(_qr_core(a, b, np)[2], compute_uv=False) * abs(scale)
+
+
+def graded_factors(out_f: int, in_f: int, sigma: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(A, B) with σ(B @ A) == sigma where B's columns carry the spectrum (B = U·diag(σ)·P,
+    A = Pᵀ·Vᵀ, P a signed permutation): the shape of a trained B, well conditioned once its
+    columns are scaled, however wide the spectrum."""
+    rng = np.random.default_rng(seed)
+    r = len(sigma)
+    perm = np.eye(r)[rng.permutation(r)] * rng.choice([-1.0, 1.0], r)
+    b = (orthonormal(rng, out_f, r) * sigma) @ perm
+    a = perm.T @ orthonormal(rng, in_f, r).T
+    return a, b
+
+
+@pytest.mark.parametrize(("out_features", "in_features", "r"), [(4096, 4096, 32), (1024, 4096, 64), (14336, 4096, 16)])
+def test_cholesky_route_matches_closed_form_to_1e_10(out_features: int, in_features: int, r: int) -> None:
+    sigma = np.logspace(0, -8, r) * 3.7  # spans 1e-8 of sigma_max
+    a, b = graded_factors(out_features, in_features, sigma, seed=r)
+    assert cholesky_core(a, b) is not None  # column scaling makes both factors well conditioned
+    got = core_singular_values(a, b, scale=2.0)
+    # every metric to 1e-10 relative against the closed form
+    metrics = spectrum_metrics(got, r, (out_features, in_features)).to_dict()
+    for key, value in expected_metrics(2.0 * sigma, r, (out_features, in_features)).items():
+        assert metrics[key] == pytest.approx(value, rel=1e-10), key
+    # tiny singular values: no worse than Householder QR's, and within today's bound
+    ref = householder_singular_values(a, b, 2.0)
+    assert np.all(np.abs(got - 2.0 * sigma) <= np.abs(ref - 2.0 * sigma) + 1e-14 * sigma[0])
+    np.testing.assert_allclose(got, 2.0 * sigma, atol=1e-12 * sigma[0], rtol=1e-10)
+
+
+def test_cholesky_falls_back_when_b_has_zero_columns() -> None:
+    a, b = factors(512, 384, [3.0, 1.0, 0.5], 8, 1.0, seed=11)
+    b[:, [2, 5]] = 0.0  # trained B with dead columns: its Gram is singular
+    assert cholesky_core(a, b) is None
+    dense = np.linalg.svd(b @ a, compute_uv=False)[:8]
+    got = core_singular_values(a, b)
+    np.testing.assert_allclose(got, householder_singular_values(a, b), rtol=0, atol=0)
+    np.testing.assert_allclose(got, dense, rtol=1e-10, atol=1e-13)
+    assert spectrum_metrics(got, 8, (512, 384)).numerical_rank == int(np.sum(dense > dense[0] * 512 * 1.2e-7))
+
+
+def test_cholesky_is_blind_to_a_times_1e6_and_b_times_1e_minus_6() -> None:
+    sigma = np.logspace(0, -6, 32)
+    a, b = graded_factors(4096, 1024, sigma, seed=5)
+    assert cholesky_core(a * 1e6, b * 1e-6) is not None
+    got = core_singular_values(a * 1e6, b * 1e-6)
+    np.testing.assert_allclose(got, sigma, rtol=1e-10)
+    np.testing.assert_allclose(got, householder_singular_values(a * 1e6, b * 1e-6), rtol=1e-10)
+
+
+@pytest.mark.parametrize("gap", [1e-9, 1e-5, 1e-3])
+def test_near_duplicate_columns_take_householder(gap: float) -> None:
+    rng = np.random.default_rng(3)
+    a = rng.standard_normal((16, 2048))
+    b = rng.standard_normal((2048, 16))
+    b[:, 7] = b[:, 3] + gap * rng.standard_normal(2048)  # cond(B) ~ 1/gap: CholeskyQR would square it
+    assert cholesky_core(a, b) is None
+    got = core_singular_values(a, b)
+    np.testing.assert_array_equal(got, householder_singular_values(a, b))
+
+
+def test_r_above_a_side_or_a_stack_with_one_bad_member_falls_back() -> None:
+    rng = np.random.default_rng(2)
+    a, b = rng.standard_normal((8, 40)), rng.standard_normal((6, 8))  # out = 6 < r = 8
+    assert cholesky_core(a, b) is None
+    dense = np.linalg.svd(b @ a, compute_uv=False)
+    np.testing.assert_allclose(core_singular_values(a, b), dense, rtol=1e-12)
+    good = graded_factors(300, 200, np.array([3.0, 1.0, 0.1]), seed=0)
+    bad_b = good[1].copy()
+    bad_b[:, 1] = 0.0
+    stack_a, stack_b = np.stack([good[0], good[0]]), np.stack([good[1], bad_b])
+    assert cholesky_core(stack_a, stack_b) is None
+    np.testing.assert_allclose(core_singular_values(stack_a, stack_b)[0], [3.0, 1.0, 0.1], rtol=1e-12)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.integers(1, 24),
+    st.integers(24, 300),
+    st.integers(24, 300),
+    st.floats(-6, 6),
+    st.floats(0.0, 12.0),
+    st.integers(0, 2**31 - 1),
+)
+def test_both_routes_agree_on_random_scaled_factors(
+    r: int, out_f: int, in_f: int, log_balance: float, spread: float, seed: int
+) -> None:
+    # Column scales spanning up to 1e12, a random balance between A and B, any shape: when the
+    # guard lets Cholesky through, it agrees with Householder QR to 1e-10 relative on every value.
+    rng = np.random.default_rng(seed)
+    a = rng.standard_normal((r, in_f)) * 10.0**log_balance
+    b = rng.standard_normal((out_f, r)) * 10.0 ** rng.uniform(-spread, 0.0, r) / 10.0**log_balance
+    ref = householder_singular_values(a, b)
+    core = cholesky_core(a, b)
+    if core is not None:
+        np.testing.assert_allclose(np.linalg.svd(core, compute_uv=False), ref, rtol=1e-10)
+    np.testing.assert_allclose(core_singular_values(a, b), ref, rtol=1e-10)
+
+
+def test_gram_route_takes_cholesky_or_the_symmetric_root_with_the_same_values() -> None:
+    from gradience.spectrum import singular_values_from_grams
+
+    sigma = np.array([5.0, 2.0, 1.0, 0.5])
+    a, b = graded_factors(512, 256, sigma, seed=9)
+    g_a, g_b = a @ a.T, b.T @ b
+    np.linalg.cholesky(g_b)  # positive definite: the Cholesky branch
+    np.testing.assert_allclose(singular_values_from_grams(g_a, g_b, 4, scale=-2.0), 2.0 * sigma, rtol=1e-12)
+    b[:, 1] = 0.0  # BᵀB singular: Cholesky fails, the symmetric root answers
+    with pytest.raises(np.linalg.LinAlgError):
+        np.linalg.cholesky(b.T @ b)
+    got = singular_values_from_grams(a @ a.T, b.T @ b, 4)
+    np.testing.assert_allclose(got, np.linalg.svd(b @ a, compute_uv=False)[:4], rtol=0, atol=1e-12 * sigma[0])

@@ -2,12 +2,15 @@
 
     python -m torch.distributed.run --nproc_per_node 2 -m tests.tiny_trainer ddp OUT
     python -m torch.distributed.run --nproc_per_node 2 -m tests.tiny_trainer sharded OUT
+    python -m torch.distributed.run --nproc_per_node 2 -m tests.tiny_trainer zero3 OUT
     python -m tests.tiny_trainer slow OUT [SLEEP_S]
 
 `ddp`: a 2-rank Trainer run with the callback; each rank writes `OUT/rank<r>.json` with the
 structural metrics it computes alone from its own replica. `sharded`: FSDP1 / FSDP2
 (`fully_shard`) snapshots against the unsharded numbers, and a rank-0-only snapshot failure
-that must not hang the other rank; rank 0 writes `OUT/sharded.json`. `slow`: one process
+that must not hang the other rank; rank 0 writes `OUT/sharded.json`. `zero3`: DeepSpeed
+ZeRO-3 on its CPU accelerator (gloo), a snapshot of the partitioned model against the
+unsharded numbers; rank 0 writes `OUT/zero3.json`. `slow`: one process
 training with a structural snapshot every step and a pause per step, until it is killed.
 Run from the repository root (the tests put it on PYTHONPATH). Not collected by pytest.
 """
@@ -211,6 +214,46 @@ def sharded(out: Path) -> None:
     dist.destroy_process_group()
 
 
+# -- zero3 -------------------------------------------------------------------------------
+
+
+def zero3(out: Path) -> None:
+    """One ZeRO-3 step of the tiny model on 2 CPU ranks, then a snapshot on every rank."""
+    import deepspeed
+    import torch.distributed as dist
+
+    from gradience.integrations.distributed import is_sharded
+    from gradience.integrations.snapshot import take_snapshot
+
+    deepspeed.init_distributed(dist_backend="gloo", timeout=timedelta(seconds=60))
+    rank = dist.get_rank()
+    result: dict[str, Any] = {"world_size": dist.get_world_size(), "reference": _unsharded_reference(),
+                              "accelerator": deepspeed.get_accelerator().device_name()}  # fmt: skip
+    model = tiny_model(random_b=True)
+    config = {"train_micro_batch_size_per_gpu": 8, "gradient_accumulation_steps": 1,
+              # threshold 0: else parameters this small stay whole ("persistent") on every rank
+              "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
+              "gradient_clipping": 0.0,
+              "zero_allow_untested_optimizer": True}  # SGD: a torch optimizer, fine for one step  # fmt: skip
+    params = [p for p in model.parameters() if p.requires_grad]
+    engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.SGD(params, lr=0.5), config=config)
+    engine.module.eval()  # no dropout, as in the unsharded reference
+    loss = engine(**_batch()).loss
+    engine.backward(loss)
+    engine.step()
+    weight = engine.module.base_model.model.bert.encoder.layer[0].attention.self.query.lora_A["default"].weight
+    # a partitioned parameter holds an empty tensor between gathers, and its shard in ds_tensor
+    result["local_numel"], result["ds_numel"] = int(weight.data.numel()), int(weight.ds_numel)
+    result["shard_numel"], result["ds_status"] = int(weight.ds_tensor.numel()), str(weight.ds_status)
+    result["is_sharded"] = is_sharded(engine.module)
+    snap = take_snapshot(engine.module, compute=rank == 0)
+    if snap is not None:
+        result |= {"metrics": snap.metrics, "modules": snap.modules}
+    if rank == 0:
+        (out / "zero3.json").write_text(json.dumps(result))
+    dist.barrier()
+
+
 # -- slow --------------------------------------------------------------------------------
 
 
@@ -233,6 +276,8 @@ def main(argv: list[str]) -> None:
         ddp(out)
     elif mode == "sharded":
         sharded(out)
+    elif mode == "zero3":
+        zero3(out)
     elif mode == "slow":
         slow(out, float(argv[2]) if len(argv) > 2 else 0.05)
     else:

@@ -52,3 +52,7 @@ def require(module: str, extra: str) -> None:
 
 class AuditFileError(GradienceError):
     """A saved `gradience audit --json` output that cannot be read."""
+
+
+class ClusterError(GradienceError):
+    """A compute cluster (a Dask scheduler) that cannot be reached or used."""

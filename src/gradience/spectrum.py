@@ -5,6 +5,11 @@ those of the r×r core R_B · R_Aᵀ, where B = Q_B R_B and Aᵀ = Q_A R_A are t
 factorisations: the orthonormal factors do not change singular values. That costs
 O((in + out) · r²) and never forms the out×in matrix.
 
+On numpy arrays the R factors come from Cholesky of the float64 Gram matrices BᵀB and AAᵀ
+(CholeskyQR: BLAS-3 products, about 3x faster than Householder QR here), guarded: when a
+Gram is singular or its column-scaled condition number is large, where CholeskyQR loses
+accuracy (error about eps · cond²), the factor pair goes through Householder QR instead.
+
 This is the only place in Gradience that computes a spectrum. The core works on numpy
 arrays and, unchanged, on torch tensors (the training callback passes live weights on
 their device), stacked or not: a batch of modules of equal shape is one call.
@@ -35,10 +40,67 @@ def _namespace(x: Any) -> Any:
     return np
 
 
+# CholeskyQR's relative error on every singular value is about (m + r) · eps · cond(C) in the
+# worst case, C the Gram with unit diagonal (Cholesky and the Gram product are exact up to a
+# column scaling). Capping the bound on cond(C) at 100 keeps that under 1e-10 up to m = 4096
+# rows (1e-12 typical: rounding errors add like a random walk); past it, Householder QR.
+_CHOLESKY_MAX_COND = 100.0
+
+
 def _upcast(x: Any, xp: Any) -> Any:
     if xp is np:
         return np.asarray(x, dtype=np.float64)
     return x.to(xp.float64)
+
+
+def _cholesky_r(gram: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """(L, d) with gram = (d L)(d L)ᵀ row-wise, i.e. R = Lᵀ · diag(d) is the QR R factor up to
+    signs; None where Cholesky is not accurate to 1e-10: a zero column, a failed
+    factorisation, or a bound on the column-scaled condition number over `_CHOLESKY_MAX_COND`.
+    """
+    d = np.sqrt(np.diagonal(gram, axis1=-2, axis2=-1))
+    if not np.all(d > 0.0) or not np.all(np.isfinite(d)):
+        return None
+    c = gram / d[..., :, None] / d[..., None, :]  # unit diagonal: cond(c) is what CholeskyQR feels
+    try:
+        lower = np.linalg.cholesky(c)
+        inv = np.linalg.inv(lower)
+    except np.linalg.LinAlgError:
+        return None
+    # cond(c) <= ||c||_inf · ||c⁻¹||_inf (both symmetric), c⁻¹ = L⁻ᵀ L⁻¹: a rigorous bound.
+    c_inv = inv.swapaxes(-1, -2) @ inv
+    bound = np.abs(c).sum(axis=-1).max(axis=-1) * np.abs(c_inv).sum(axis=-1).max(axis=-1)
+    if not np.all(bound <= _CHOLESKY_MAX_COND):
+        return None
+    return lower, d
+
+
+def cholesky_core(a: np.ndarray, b: np.ndarray) -> np.ndarray | None:
+    """R_B R_Aᵀ from Cholesky of the float64 Grams (CholeskyQR), or None where it is not safe.
+
+    Args:
+        a: (..., r, in) float64; b: (..., out, r) float64 with the same leading axes.
+
+    Returns:
+        The (..., r, r) core, whose singular values equal those of `_qr_core`'s to about
+        1e-10 relative (the R factors agree up to the signs of their rows), or None when
+        either factor is rank-deficient or ill-conditioned after scaling its columns
+        (a stack falls back as a whole).
+    """
+    if a.shape[-2] != b.shape[-1]:
+        raise ValueError(f"rank mismatch: lora_A has r={a.shape[-2]}, lora_B has r={b.shape[-1]}")
+    r = a.shape[-2]
+    if b.shape[-2] < r or a.shape[-1] < r:
+        return None  # r exceeds a side: the Gram is singular, and QR's R is not square
+    fb = _cholesky_r(b.swapaxes(-1, -2) @ b)  # numpy runs xᵀx as a symmetric rank-k update
+    if fb is None:
+        return None
+    fa = _cholesky_r(a @ a.swapaxes(-1, -2))
+    if fa is None:
+        return None
+    (l_b, d_b), (l_a, d_a) = fb, fa
+    # R_B R_Aᵀ = L_Bᵀ diag(d_B) diag(d_A) L_A
+    return (l_b.swapaxes(-1, -2) * (d_b * d_a)[..., None, :]) @ l_a
 
 
 def _qr_core(a: Any, b: Any, xp: Any, keep_q: bool = False) -> tuple[Any, Any, Any]:
@@ -80,7 +142,9 @@ def core_singular_values(lora_A: Any, lora_B: Any, scale: float = 1.0) -> Any:
     xp = _namespace(lora_A)
     a = _upcast(lora_A, xp)
     b = _upcast(lora_B, xp)
-    _, _, core = _qr_core(a, b, xp)  # (..., min(out, r), min(in, r))
+    core = cholesky_core(a, b) if xp is np else None
+    if core is None:
+        _, _, core = _qr_core(a, b, xp)  # (..., min(out, r), min(in, r))
     sigma = np.linalg.svd(core, compute_uv=False) if xp is np else xp.linalg.svdvals(core)
     return sigma * abs(float(scale))
 
@@ -105,7 +169,8 @@ def gram_matrices(lora_A: Any, lora_B: Any) -> tuple[Any, Any]:
 def singular_values_from_grams(g_a: np.ndarray, g_b: np.ndarray, k: int, scale: float = 1.0) -> np.ndarray:
     """The k largest singular values of s·B·A from its Gram matrices, descending, float64.
 
-    σ(B·A)² are the eigenvalues of S·(A Aᵀ)·S with S = (BᵀB)^½, a symmetric r×r problem.
+    σ(B·A)² are the eigenvalues of Sᵀ·(A Aᵀ)·S for any S with S Sᵀ = BᵀB: the Cholesky
+    factor where BᵀB is positive definite, else the symmetric root (BᵀB)^½.
     The price of the Gram route is absolute precision: each σ² is exact to about
     eps · ‖B‖²‖A‖², so a singular value is known only to about √eps · σ_max (~3e-4 · σ_max
     from float32 products, ~1e-8 from float64), while every structural metric (norms,
@@ -113,9 +178,16 @@ def singular_values_from_grams(g_a: np.ndarray, g_b: np.ndarray, k: int, scale: 
     must resolve tiny singular values, uses `core_singular_values`.
     """
     g_a, g_b = np.asarray(g_a, dtype=np.float64), np.asarray(g_b, dtype=np.float64)
-    lam, vec = np.linalg.eigh(g_b)
-    root = (vec * np.sqrt(lam.clip(min=0.0))[..., None, :]) @ vec.swapaxes(-1, -2)
-    sq = np.linalg.eigvalsh(root @ g_a @ root).clip(min=0.0)  # ascending
+    try:
+        # Any factor with RᵀR = BᵀB serves as S: Cholesky's L (BᵀB = L Lᵀ) gives Lᵀ(AAᵀ)L,
+        # one symmetric eigen-solve instead of two, with the same absolute precision.
+        lower = np.linalg.cholesky(g_b)
+        core = lower.swapaxes(-1, -2) @ g_a @ lower
+    except np.linalg.LinAlgError:  # a singular BᵀB (B = 0 at the start of training, dead columns)
+        lam, vec = np.linalg.eigh(g_b)
+        root = (vec * np.sqrt(lam.clip(min=0.0))[..., None, :]) @ vec.swapaxes(-1, -2)
+        core = root @ g_a @ root
+    sq = np.linalg.eigvalsh(core).clip(min=0.0)  # ascending
     return np.sqrt(sq[..., ::-1][..., :k]) * abs(float(scale))
 
 

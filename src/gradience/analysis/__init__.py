@@ -1,8 +1,10 @@
 """Structure as an eval proxy: exact-step alignment, correlation, lead/lag, forecasts, stops.
 
 Reads run logs written by Gradience telemetry and asks how closely the adapter's structural
-metrics track eval loss. Importing this package needs numpy only; scipy and statsmodels
-(`pip install gradience[analysis]`) are imported by the functions that use them.
+metrics track eval loss. Importing this package needs numpy only; scipy.special
+(`pip install gradience[analysis]`) is imported by the functions that need a p-value. The
+statistics are numpy code checked against scipy.stats and statsmodels in the tests, which
+are not imported here (about 3 s on a small machine).
 
 Lag convention: a positive lag means structure LEADS eval loss (see `correlation`).
 

@@ -2,7 +2,8 @@
 
 "x Granger-causes y" means past x improves a linear forecast of y beyond past y alone;
 it is a statement about predictability on this series, not about mechanism. Each direction
-is statsmodels' `grangercausalitytests` F-test (`ssr_ftest`) at lags 1..max_lag, reported
+is statsmodels' `grangercausalitytests` F-test (`ssr_ftest`, computed in numpy the same way:
+`gradience.analysis._stats`) at lags 1..max_lag, reported
 as one p-value per lag and the smallest of them (uncorrected for testing several lags).
 Like the cross-correlation, it runs on first differences by default: the test assumes
 stationary series, and trending levels give spurious "causality".
@@ -10,7 +11,6 @@ stationary series, and trending levels give spurious "causality".
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -18,7 +18,6 @@ import numpy as np
 
 from gradience.analysis._finite import fin
 from gradience.analysis.correlation import Basis, transform
-from gradience.errors import require
 
 
 @dataclass(frozen=True)
@@ -71,19 +70,20 @@ def granger_test(
         return None, f"{n} point(s); Granger with lags up to {max_lag} needs {min_points(max_lag)}"
     if np.ptp(cause) == 0 or np.ptp(effect) == 0:
         return None, "a constant series"
-    require("statsmodels", "analysis")
-    from statsmodels.tsa.stattools import grangercausalitytests
+    from gradience.analysis._stats import granger_f
 
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            # Column 2 is tested as a cause of column 1.
-            result = grangercausalitytests(np.column_stack([effect, cause]), max_lag)
-    except (ValueError, RuntimeError, np.linalg.LinAlgError) as exc:  # InfeasibleTestError
-        return None, f"test not computable: {str(exc).splitlines()[0][:120]}"
+    results = []
+    for lag in range(1, max_lag + 1):
+        try:
+            got = granger_f(effect, cause, lag)
+        except np.linalg.LinAlgError as exc:  # least squares did not converge
+            got = str(exc)
+        if isinstance(got, str):
+            return None, f"test not computable: {got[:120]}"
+        results.append(got)
     lags = tuple(range(1, max_lag + 1))
-    f_values = tuple(fin(result[k][0]["ssr_ftest"][0]) for k in lags)
-    p_values = tuple(fin(result[k][0]["ssr_ftest"][1]) for k in lags)
+    f_values = tuple(fin(f) for f, _ in results)
+    p_values = tuple(fin(p) for _, p in results)
     finite = [(p, k) for p, k in zip(p_values, lags, strict=True) if p is not None]
     min_p, at = min(finite) if finite else (None, None)
     return GrangerTest(names[0], names[1], lags, f_values, p_values, min_p, at), None

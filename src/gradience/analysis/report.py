@@ -180,7 +180,7 @@ def analyze(
     Raises:
         UsageError: no path, a missing file, or a bad parameter.
         TelemetryError: a log without eval loss or structural records.
-        MissingDependencyError: scipy or statsmodels absent (`pip install gradience[analysis]`).
+        MissingDependencyError: scipy absent (`pip install gradience[analysis]`).
 
     Example:
         >>> report = analyze(["seed42/run.jsonl", "seed123/run.jsonl"])  # doctest: +SKIP
@@ -199,8 +199,7 @@ def analyze(
         raise UsageError(f"`basis` must be one of {', '.join(BASES)}, got {basis!r}")
     if not (0.0 <= ridge_alpha < math.inf and 0.0 < train_fraction < 1.0):
         raise UsageError("`ridge_alpha` must be >= 0 and `train_fraction` in (0, 1)")
-    require("scipy", "analysis")
-    require("statsmodels", "analysis")
+    require("scipy", "analysis")  # scipy.special's distribution tails (`analysis._stats`)
     runs = tuple(
         analyze_run(
             load_run(p, target_split, train_fields=metrics), metrics, max_lag, basis, ridge_alpha,

@@ -45,6 +45,8 @@ def register(sub: Any) -> None:
                    help="audit every folder with an adapter_config.json under DIR: one JSON line each on stdout")
     p.add_argument("--workers", type=int, metavar="N",
                    help="worker processes for --recursive (default: min(CPU count, 4))")  # fmt: skip
+    p.add_argument("--scheduler", metavar="tcp://HOST:PORT",
+                   help="run --recursive on this Dask scheduler's workers (pip install gradience[dask])")  # fmt: skip
     p.set_defaults(func=run)
 
 
@@ -76,7 +78,7 @@ def run_recursive(args: argparse.Namespace) -> int:
         print(f"[{k}/{n}] {result.path}{'' if result.ok else ' FAILED'}", file=sys.stderr, flush=True)
 
     failed = 0
-    for result in audit_many(args.recursive, workers=args.workers, on_result=progress,
+    for result in audit_many(args.recursive, workers=args.workers, scheduler=args.scheduler, on_result=progress,
                              energy=args.energy, top_least_used=args.top_least_used):  # fmt: skip
         try:
             line = json.dumps(result.to_dict(include_modules=args.layers), allow_nan=False)

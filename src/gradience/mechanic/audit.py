@@ -166,7 +166,7 @@ class AuditReport:
         return self.least_rank_used
 
     def to_dict(self, include_modules: bool = True) -> dict[str, Any]:
-        d = asdict(self)
+        d = asdict(self if include_modules else replace(self, modules=()))  # never copy rows it drops
         d["summary"].update(d["summary"].pop("other_energy"))
         if not include_modules:
             d.pop("modules")
@@ -324,6 +324,14 @@ def _mean(xs: Sequence[float]) -> float:
     return float(np.mean(xs)) if xs else 0.0
 
 
+def _median(xs: Sequence[float]) -> float:
+    """np.median's value (the mean of the middle two), without the numpy.ma import its NaN check costs."""
+    if not xs:
+        return 0.0
+    s, n = sorted(xs), len(xs)
+    return float(s[n // 2]) if n % 2 else float(np.mean(s[n // 2 - 1 : n // 2 + 1]))
+
+
 def _pct(xs: Sequence[float], q: float) -> float:
     return float(np.percentile(xs, q)) if xs else 0.0
 
@@ -342,8 +350,8 @@ def _summary(rows: list[ModuleAudit], good: list[ModuleAudit], energy: float) ->
         n_layers=len({m.layer for m in rows if m.layer is not None}),
         n_zero=len(zero), zero_modules=zero, n_nonfinite=sum(m.status == "nonfinite" for m in rows),
         other_energy=other,
-        stable_rank_mean=_mean(sr), stable_rank_median=float(np.median(sr)) if sr else 0.0,
-        utilization_mean=_mean(ut), utilization_median=float(np.median(ut)) if ut else 0.0,
+        stable_rank_mean=_mean(sr), stable_rank_median=_median(sr),
+        utilization_mean=_mean(ut), utilization_median=_median(ut),
         energy_rank_p50=_pct(er, 50), energy_rank_p90=_pct(er, 90),
         effective_rank_mean=_mean([m.effective_rank or 0.0 for m in good]),
         frobenius_norm_total=math.sqrt(sum((m.frobenius_norm or 0.0) ** 2 for m in good)),

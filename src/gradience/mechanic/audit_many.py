@@ -1,8 +1,9 @@
 """Auditing every adapter under a folder, in parallel worker processes.
 
 `find_adapters(root)` lists the folders that hold an `adapter_config.json`;
-`audit_many(root)` audits each in a pool of processes and yields one `AdapterResult` per
-folder, in path order. A broken adapter gives a result with its error and never stops the
+`audit_many(root)` audits each in a pool of processes, or on any `concurrent.futures.Executor`
+a caller passes (a Dask cluster's: `gradience.mechanic.cluster`), and yields one
+`AdapterResult` per folder, in path order. A broken adapter gives a result with its error and never stops the
 others. Each worker runs single-threaded BLAS: the audit is many small QRs, where BLAS
 threads buy nothing and oversubscribe the cores the other workers are using.
 """
@@ -85,6 +86,8 @@ def audit_many(
     root: str | os.PathLike[str],
     *,
     workers: int | None = None,
+    executor: concurrent.futures.Executor | None = None,
+    scheduler: str | None = None,
     on_result: Callable[[int, int, AdapterResult], None] | None = None,
     **options: Any,
 ) -> Iterator[AdapterResult]:
@@ -93,11 +96,18 @@ def audit_many(
     Args:
         root: folder searched recursively for `adapter_config.json`.
         workers: worker processes (default `default_workers()`); 1 audits in this process.
+            Ignored when `executor` is given.
+        executor: run the audits here instead (the caller owns it and shuts it down), e.g.
+            a Dask client's `get_executor()`; its workers must see `root` under the same path.
+        scheduler: a Dask scheduler address (`tcp://HOST:PORT`): run on its workers, connected
+            for the duration of the iteration (`gradience.mechanic.cluster.dask_executor`).
         on_result: called as `on_result(k, n, result)` after the k-th of n results, for progress.
         **options: passed to `audit` (`energy`, `top_least_used`, `grid`).
 
     Raises:
         UsageError: `root` is not a directory, holds no adapter, or `workers` < 1.
+        ClusterError, MissingDependencyError: `scheduler` unreachable, or dask not installed
+            (raised when iteration starts).
 
     Example:
         >>> for result in audit_many("runs/sweep", workers=4):  # doctest: +SKIP
@@ -108,8 +118,31 @@ def audit_many(
     paths = find_adapters(root)
     if not paths:
         raise UsageError(f"{root}: no {CONFIG_NAME} found in it or below it")
+    if scheduler is not None:
+        return _on_scheduler(paths, scheduler, on_result, options)
+    if executor is not None:
+        return _on_executor(paths, executor, on_result, options)
     n_workers = min(workers or default_workers(), len(paths))
     return _run(paths, n_workers, on_result, options)
+
+
+def _on_scheduler(
+    paths: list[Path], address: str,
+    on_result: Callable[[int, int, AdapterResult], None] | None, options: dict[str, Any],
+) -> Iterator[AdapterResult]:
+    from gradience.mechanic.cluster import dask_executor
+
+    with dask_executor(address) as pool:
+        yield from _on_executor(paths, pool, on_result, options)
+
+
+def _on_executor(
+    paths: list[Path], executor: concurrent.futures.Executor,
+    on_result: Callable[[int, int, AdapterResult], None] | None, options: dict[str, Any],
+) -> Iterator[AdapterResult]:
+    job = partial(audit_one, **options)
+    futures = [executor.submit(job, str(path)) for path in paths]
+    yield from _report_progress(_results(paths, futures), len(paths), on_result)
 
 
 def _run(
@@ -137,6 +170,8 @@ def _results(
             yield future.result()
         except BrokenProcessPool as exc:  # a worker killed (out of memory, a signal)
             yield AdapterResult(str(path), False, error=f"worker process died ({exc})")
+        except Exception as exc:  # another executor's failure (a lost cluster worker): this path only
+            yield AdapterResult(str(path), False, error=f"worker failed ({type(exc).__name__}: {exc})".splitlines()[0])
 
 
 def _report_progress(
