@@ -132,7 +132,8 @@ def _heatmap_panel(fig: Any, ax: Any, c: RunCurves) -> None:
     ax.set_yticks(range(0, len(c.heatmap_rows), tick))
     ax.set_yticklabels(c.heatmap_rows[::tick], fontsize=7)
     ax.set_ylabel(f"per layer:\n{c.heatmap_metric.replace('_', ' ')}", fontsize=9)
-    fig.colorbar(mesh, ax=ax, pad=0.01, fraction=0.04)
+    cax = ax.inset_axes((1.01, 0.0, 0.015, 1.0))  # in the legend column, beside its own panel
+    fig.colorbar(mesh, cax=cax)
 
 
 def _overlay(axes: Sequence[Any], runs: Sequence[RunCurves], shown: Sequence[str]) -> None:

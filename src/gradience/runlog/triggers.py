@@ -71,7 +71,7 @@ class TriggerCollector:
     def add(self, data: dict[str, Any]) -> None:
         event = data.get("event")
         if event == "metrics" and data.get("kind") == TRIGGER_KIND and isinstance(data.get("step"), int):
-            reason = str(data.get("reason", "?"))
+            reason = str(data.get("reason") or "unspecified")
             self.n += 1
             if reason in self.by_reason or len(self.by_reason) < len(TRIGGER_REASONS) + 10:
                 self.by_reason[reason] = self.by_reason.get(reason, 0) + 1
