@@ -39,22 +39,31 @@ class AdapterInput:
         return str(self.peft_dir or self.weights)
 
 
-def add_adapter_argument(p: argparse.ArgumentParser, help: str, required: bool = True) -> None:
-    """The positional ADAPTER plus its `--peft-dir` alias (either spelling, not both)."""
-    p.add_argument("adapter", nargs="?", metavar="ADAPTER", help=f"{help} (alias: --peft-dir DIR)")
-    p.add_argument("--peft-dir", dest="peft_dir_alias", metavar="DIR", help=argparse.SUPPRESS)
-    p.set_defaults(adapter_required=required)
+def add_input_argument(p: argparse.ArgumentParser, dest: str, metavar: str, alias: str, help: str) -> None:
+    """A positional main input plus its older flag spelling `alias` (either one, not both)."""
+    p.add_argument(dest, nargs="?", metavar=metavar, help=f"{help} (alias: {alias} {metavar})")
+    p.add_argument(alias, dest=f"{dest}_alias", metavar=metavar, help=argparse.SUPPRESS)
 
 
-def adapter_arg(args: argparse.Namespace) -> str | None:
-    """The adapter path from either spelling; UsageError when both differ or a required one is absent."""
-    positional, alias = getattr(args, "adapter", None), getattr(args, "peft_dir_alias", None)
-    if positional and alias and Path(positional) != Path(alias):
-        raise UsageError(f"two adapters given ({positional} and --peft-dir {alias}); pass one")
-    value = positional or alias
-    if value is None and getattr(args, "adapter_required", True):
-        raise UsageError("no adapter given; pass an adapter folder or a .safetensors file, e.g. runs/toy/peft")
-    return value
+def input_arg(args: argparse.Namespace, dest: str, alias: str, example: str) -> str:
+    """The main input from either spelling; UsageError when both differ or neither is given."""
+    positional, flagged = getattr(args, dest, None), getattr(args, f"{dest}_alias", None)
+    if positional and flagged and Path(positional) != Path(flagged):
+        raise UsageError(f"two inputs given ({positional} and {alias} {flagged}); pass one")
+    value = positional or flagged
+    if value is None:
+        raise UsageError(f"no input given; pass {example}")
+    return str(value)
+
+
+def add_adapter_argument(p: argparse.ArgumentParser, help: str) -> None:
+    """The positional ADAPTER plus its `--peft-dir` alias."""
+    add_input_argument(p, "adapter", "ADAPTER", "--peft-dir", help)
+
+
+def adapter_arg(args: argparse.Namespace) -> str:
+    """The adapter path from either spelling."""
+    return input_arg(args, "adapter", "--peft-dir", "an adapter folder or a .safetensors file, e.g. runs/toy/peft")
 
 
 def resolve_adapter(path: str | Path) -> AdapterInput:

@@ -51,10 +51,10 @@ def register(sub: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.recursive:
         return run_recursive(args)
-    if args.weights and not (args.adapter or args.peft_dir_alias):
+    if args.weights and not (args.adapter or args.adapter_alias):
         source = AdapterInput(None, None)  # --weights FILE alone: single-file mode, as before
     else:
-        source = resolve_adapter(str(adapter_arg(args)))
+        source = resolve_adapter(adapter_arg(args))
     report = audit(
         source.peft_dir, adapter_config=args.adapter_config, weights=args.weights or source.weights,
         energy=args.energy, top_wasteful=args.top_wasteful,

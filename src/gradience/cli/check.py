@@ -31,7 +31,7 @@ def register(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    source = resolve_adapter(str(adapter_arg(args)))
+    source = resolve_adapter(adapter_arg(args))
     report = check(args.task, source.peft_dir or str(source.weights), training_dir=args.training_dir, model_config=args.model_config)
     if args.json:
         emit_json(report)

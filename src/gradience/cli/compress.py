@@ -54,7 +54,7 @@ def register(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    peft_dir = resolve_adapter(str(adapter_arg(args))).path
+    peft_dir = resolve_adapter(adapter_arg(args)).path
     verify: Any = None
     if args.verify_cmd:
         verify = CommandEvaluator(args.verify_cmd, args.verify_timeout)
