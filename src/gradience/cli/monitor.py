@@ -55,7 +55,7 @@ def render(r: MonitorReport, verbose: bool = False) -> list[str]:
         out += ["", "Latest eval per split:"]
         for e in r.evals.values():
             out.append(f"  {e.split:<8} step {e.step}  loss={num(e.loss, 4)}  ppl={num(e.ppl)}"
-                       f"  acc={pct(e.accuracy)}  ({e.n_evals} evals)")  # fmt: skip
+                       f"  acc={pct(e.accuracy)}  ({e.n_evals} eval{'' if e.n_evals == 1 else 's'})")  # fmt: skip
     out += ["", "Diagnostics:", *_diagnostics(r)]
     if verbose and r.structural is not None:
         out += _trend_table(r)
@@ -90,7 +90,7 @@ def _identity(r: MonitorReport) -> list[str]:
         ids += f" ({len(r.run_ids)} run ids in this log)"
     t = r.train
     steps = f"Steps: {r.last_step if r.last_step is not None else 'n/a'}"
-    steps += f" ({t.n_steps} train_step records, steps {t.first_step}-{t.last_step})" if t.n_steps else " (no train_step records)"
+    steps += f" ({t.n_steps} train_step record{'' if t.n_steps == 1 else 's'}, steps {t.first_step}-{t.last_step})" if t.n_steps else " (no train_step records)"
     if r.n_resumes:
         steps += f"; resumed {r.n_resumes}x"
     return [

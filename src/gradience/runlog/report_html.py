@@ -71,7 +71,7 @@ def monitor_section(r: MonitorReport) -> str:
         ("Run", r.run_id or "?"), ("Status", f"{r.status} ({r.status_note})"),
         ("Model", model.get("name", "(not logged)")), ("Dataset", data.get("name", "(not logged)")),
         ("Profile", r.run.get("task_profile") or "(none)"),
-        ("Steps", f"{num(r.last_step)} ({t.n_steps} train_step records)"),
+        ("Steps", f"{num(r.last_step)} ({t.n_steps} train_step record{'' if t.n_steps == 1 else 's'})"),
     ])]  # fmt: skip
     parts += ["<h3>Latest eval signals</h3>", kv([
         ("Train PPL", num(s.train_ppl)), (f"Test PPL ({s.test_split or 'test'})", num(s.test_ppl)),
