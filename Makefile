@@ -24,6 +24,8 @@ demo: $(STAMP)
 	$(BIN)/gradience check --task sst2 --peft-dir $(RUN)/peft --training-dir $(RUN)/training
 	$(BIN)/gradience monitor $(RUN)/run.jsonl --verbose
 	$(BIN)/gradience audit --peft-dir $(RUN)/peft --top-wasteful 10
+	$(BIN)/gradience analyze $(RUN)/run.jsonl
+	$(BIN)/gradience report $(RUN)
 
 test: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks examples experiments

@@ -64,7 +64,7 @@ def test_resolution_rule(run_dir: Path) -> None:
     parent = _parent_of_runs(run_dir)
     with pytest.raises(UsageError, match=rf"without run.jsonl; pass {re.escape(str(parent / 'a' / 'run.jsonl'))}"):
         resolve_log(parent)
-    with pytest.raises(UsageError, match="no such file or folder"):
+    with pytest.raises(UsageError, match="not found"):
         resolve_log(run_dir / "missing")
 
 
