@@ -91,7 +91,7 @@ def resolve_adapter(path: str | Path) -> AdapterInput:
         if nested:
             raise UsageError(f"{p}: no {CONFIG_NAME} here; the adapter is in a subfolder: pass {nested[0]}")
         raise UsageError(f"{p}: no {CONFIG_NAME}; pass a PEFT adapter folder or a .safetensors file")
-    raise UsageError(f"{p}: not found")
+    raise UsageError(f"{p}: adapter not found")
 
 
 def resolve_log(path: str | Path) -> str:
@@ -109,7 +109,7 @@ def resolve_log(path: str | Path) -> str:
         hint = f"; pass {found[0]}" if found else ""
         raise UsageError(f"{p}: a folder without {LOG_NAME}{hint}")
     if not p.exists():
-        raise UsageError(f"{p}: not found")
+        raise UsageError(f"{p}: run log not found")
     return str(p)
 
 

@@ -53,7 +53,7 @@ class TrainerTrigger:
         strategy = str(getattr(strategy, "value", strategy))
         self.override = strategy not in ("no", "None")
         if strategy == "steps":  # the configured schedule: the trigger replaces it, and is measured against it
-            every = getattr(args, "eval_steps", None)
+            every: Any = getattr(args, "eval_steps", None)
             if isinstance(every, float) and 0 < every < 1:  # a fraction of max_steps
                 every = math.ceil(every * int(getattr(state, "max_steps", 0) or 0))
             self.configured_eval_steps = int(every) if is_finite(every) and every >= 1 else None

@@ -131,8 +131,8 @@ def _short(name: str) -> str:
 def run_title(start: dict[str, Any] | None, path: str, run_id: str | None) -> tuple[str, str]:
     """(title, run name): model, task and run, from `run_start` and the log's place."""
     start = start or {}
-    model = start.get("model") if isinstance(start.get("model"), dict) else {}
-    data = start.get("dataset") if isinstance(start.get("dataset"), dict) else {}
+    model: dict[str, Any] = start["model"] if isinstance(start.get("model"), dict) else {}
+    data: dict[str, Any] = start["dataset"] if isinstance(start.get("dataset"), dict) else {}
     p = Path(path)
     name = p.parent.name if p.name == "run.jsonl" and p.parent.name else p.stem
     run = str(start.get("run_name") or name or run_id or "run")

@@ -49,7 +49,7 @@ def draw(runs: Sequence[RunCurves], metrics: Sequence[str], heatmap: bool = True
             _heatmap_panel(fig, axes[-1], one)
         fig.suptitle(one.title, fontsize=12, fontweight="bold")
     else:
-        _overlay(axes, runs, shown)
+        _overlay(list(axes), runs, shown)
         fig.suptitle(overlay_title(runs), fontsize=12, fontweight="bold")
     axes[-1].set_xlabel("optimizer step")
     buf = io.BytesIO()

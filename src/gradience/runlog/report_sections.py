@@ -10,6 +10,7 @@ modules with their share of the update energy, per-layer energy bars, suggested 
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,7 @@ ADAPTER_CONFIG, TRAINING_ARGS = "adapter_config.json", "training_args.json"
 TOP_MODULES = 10
 
 
-def adapter_beside(log: str | Path) -> Path | None:
+def adapter_beside(log: str | os.PathLike[str]) -> Path | None:
     """The adapter folder next to a run log: `<run>/peft/`, `<run>/adapter/` or `<run>/` itself."""
     run = Path(log).parent
     for folder in (run / "peft", run / "adapter", run):
@@ -32,7 +33,7 @@ def adapter_beside(log: str | Path) -> Path | None:
     return None
 
 
-def training_beside(log: str | Path) -> Path | None:
+def training_beside(log: str | os.PathLike[str]) -> Path | None:
     """The folder with training_args.json next to a run log (`<run>/training/` or `<run>/`)."""
     run = Path(log).parent
     for folder in (run / "training", run):
