@@ -64,6 +64,11 @@ def rank_hungry(modules: Sequence[ModuleAudit], n: int = TOP_MODULES) -> list[Mo
 def audit_tables(a: AuditReport, where: str) -> str:
     """The audit as tables: summary, the most rank-hungry modules, per-layer energy, suggestions."""
     s, share = a.summary, energy_shares(a.modules)
+    top_share = max(share.values(), default=0.0) or 1.0  # bars are to scale across every module
+
+    def share_bar(name: str) -> Any:
+        return bar(share.get(name, 0.0) / top_share, pct(share.get(name)))
+
     parts = [f"<h2>Adapter audit ({esc(where)})</h2>", kv([
         ("Modules", f"{s.n_modules} in {s.n_layers} layers; r={num(a.r)}, alpha={num(a.lora_alpha)}"
                     f"{', rsLoRA' if a.use_rslora else ''}{', DoRA' if a.use_dora else ''}"),
@@ -81,13 +86,12 @@ def audit_tables(a: AuditReport, where: str) -> str:
                   '<p class="note">Ranked by how much of their rank they use (energy rank k@90% / r). '
                   "Rank need is not importance: the energy share says how much of the update each carries.</p>",
                   table(head, ([m.name, num(m.r), num(m.energy_rank_90), num(m.stable_rank), pct(m.utilization),
-                                bar(share.get(m.name, 0.0) / max(share.values(), default=1.0) if share else 0.0,
-                                    pct(share.get(m.name)))]
+                                share_bar(m.name)]
                                + ([g(m.rel_frobenius)] if has_base else []) for m in hungry))]  # fmt: skip
     if a.wasteful:
         parts += [f"<h3>Lowest utilization ({len(a.wasteful)} modules: rank over-provisioned)</h3>",
                   table(["module", "r", "utilization", "k@90%", "energy share"],
-                        ([m.name, num(m.r), pct(m.utilization), num(m.energy_rank_90), pct(share.get(m.name))]
+                        ([m.name, num(m.r), pct(m.utilization), num(m.energy_rank_90), share_bar(m.name)]
                          for m in a.wasteful))]  # fmt: skip
     layers = a.gain.layers
     if layers:
@@ -97,7 +101,7 @@ def audit_tables(a: AuditReport, where: str) -> str:
                                                           for x in layers))]  # fmt: skip
     sug = a.suggestion
     parts += ["<h3>Suggested ranks</h3>", kv([
-        (f"Uniform, typical (p50 of k@{pct(sug.energy_fraction)})", num(sug.uniform_median)),
+        (f"Uniform, typical (p50 of k@{sug.energy_fraction:.0%})", num(sug.uniform_median)),
         ("Uniform, conservative (p90)", num(sug.uniform_p90) + (" (= allocated rank: the data cannot "
                                                                  "say whether more would help)" if sug.at_allocated_rank else "")),
         ("Per module (rank_pattern)", _pattern_summary(sug.rank_pattern)),
