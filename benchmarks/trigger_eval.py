@@ -137,6 +137,9 @@ def main() -> None:
     print(f"eval steps, trigger: {trig['evals']}")
     print(f"triggers (step:reason): {', '.join(trig['triggers'])}")
     print(f"trigger run_end eval_savings: {json.dumps({k: v for k, v in trig['savings'].items() if k != 'policy'})}")
+    n_fixed, n_trig = len(fixed["evals"]), len(trig["evals"])
+    print(f"evals saved: {n_fixed - n_trig} of {n_fixed} ({1 - n_trig / n_fixed:.0%}), by count: what the load "
+          "average cannot move; the seconds below are wall clock on a shared machine")  # fmt: skip
     saved = 1 - trig["eval_s"] / fixed["eval_s"]
     loss_diff = abs(trig["final_loss"] - fixed["final_loss"]) / fixed["final_loss"]
     ok = saved >= 0.40 and loss_diff <= 0.01
