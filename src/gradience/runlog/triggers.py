@@ -121,7 +121,8 @@ def savings_line(s: TriggerSummary) -> str:
     pct = f" ({100 * s.fraction_saved:.0f}% of evals)" if s.fraction_saved is not None else ""
     secs = (f", ~{s.eval_seconds_saved:.1f} s of eval saved at {s.mean_eval_seconds:.2f} s per eval"
             if s.eval_seconds_saved is not None and s.mean_eval_seconds is not None else "")  # fmt: skip
-    return (f"{s.evals_run} evals instead of {s.reference_evals} (every {s.reference_eval_every} steps: "
+    evals = f"{s.evals_run} eval{'' if s.evals_run == 1 else 's'}"
+    return (f"{evals} instead of {s.reference_evals} (every {s.reference_eval_every} steps: "
             f"{against}): {s.evals_saved} saved{pct}{secs}")  # fmt: skip
 
 
