@@ -20,10 +20,12 @@ $(STAMP): pyproject.toml
 venv: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python examples/toy_lora_run.py --out $(RUN) --device cpu
+	$(BIN)/python examples/vnext/toy_lora_run.py --out $(RUN) --device cpu
 	$(BIN)/gradience check --task sst2 --peft-dir $(RUN)/peft --training-dir $(RUN)/training
 	$(BIN)/gradience monitor $(RUN)/run.jsonl --verbose
 	$(BIN)/gradience audit --peft-dir $(RUN)/peft --top-wasteful 10
+	$(BIN)/gradience analyze $(RUN)/run.jsonl
+	$(BIN)/gradience report $(RUN)
 
 test: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks examples experiments

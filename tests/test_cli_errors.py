@@ -64,7 +64,7 @@ def test_broken_pipe_is_quiet(monkeypatch: pytest.MonkeyPatch, capsys: pytest.Ca
 def test_gradience_error_keeps_its_exit_code(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     code, out, err = _run(capsys, "gradience", "audit", "--peft-dir", str(tmp_path / "missing"))
     assert code == 2 and out == ""
-    _one_line(err, "Error: ", "directory not found")
+    _one_line(err, "Error: ", "missing: adapter not found")
 
 
 def test_not_a_directory(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -136,7 +136,9 @@ def test_other_os_error(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureF
     _one_line(err, "Error: /dev/sdz: Input/output error")
 
 
-def test_non_finite_value_on_its_way_to_json(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+def test_non_finite_value_on_its_way_to_json(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     class Report:
         problems = ()
 
@@ -144,7 +146,8 @@ def test_non_finite_value_on_its_way_to_json(monkeypatch: pytest.MonkeyPatch, ca
             return {"summary": {"frobenius_norm_total": float("nan")}}
 
     monkeypatch.setattr(audit_cli, "audit", lambda *a, **k: Report())
-    code, out, err = _run(capsys, "non_finite_json", "audit", "--peft-dir", "x", "--json")
+    (tmp_path / "adapter_config.json").write_text("{}")  # resolves as an adapter folder
+    code, out, err = _run(capsys, "non_finite_json", "audit", str(tmp_path), "--json")
     assert code == 1 and out == ""
     _one_line(err, "Error: ", "NaN or Inf")
 

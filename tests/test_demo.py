@@ -282,3 +282,40 @@ def test_default_config_learns_well_above_the_majority_rate(tmp_path: Path) -> N
     result = train_demo(tmp_path, DemoConfig())
     assert result.test_accuracy >= result.majority_rate + 0.10
     assert result.train_loss < 0.69
+
+
+# --- the article's path -------------------------------------------------------------------------
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@needs_training
+def test_the_article_path_is_the_demo_with_eval_at_the_structural_cadence() -> None:
+    spec = importlib.util.spec_from_file_location("toy_lora_run", ROOT / "examples" / "vnext" / "toy_lora_run.py")
+    assert spec is not None and spec.loader is not None
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    args = example.parse_args([])
+    # One eval per structural snapshot: every eval is a matched point for `gradience analyze`.
+    assert (args.out, args.eval_steps, args.structural_interval, args.eval_policy) == ("runs/toy", 10, 10, "fixed")
+    assert DemoConfig().max_steps // args.eval_steps >= 10
+    args = example.parse_args(["--eval-policy", "trigger", "--eval-steps", "5"])
+    assert (args.eval_policy, args.eval_steps) == ("trigger", 5)
+    # The old path runs this same file: one implementation.
+    assert '"vnext" / "toy_lora_run.py"' in (ROOT / "examples" / "toy_lora_run.py").read_text()
+
+
+@needs_training
+def test_demo_trigger_eval_counts_savings_against_its_eval_steps(tmp_path: Path) -> None:
+    from gradience.integrations.hf import GradienceCallback
+    from gradience.integrations.trigger import TriggerPolicy
+    from gradience.runlog.triggers import read_triggers
+
+    cb = GradienceCallback(tmp_path, structural_interval=1, eval_policy="trigger",
+                           trigger=TriggerPolicy(window=3, min_spacing=2, max_spacing=4))  # fmt: skip
+    result = train_demo(tmp_path, DemoConfig(**{**TINY, "max_steps": 8, "eval_steps": 2}), callbacks=[cb])
+    summary = read_triggers(tmp_path / "run.jsonl")
+    assert summary is not None and result.steps == 8
+    assert (summary.reference_eval_every, summary.reference_source, summary.reference_evals) == (2, "eval_steps", 4)
+    assert summary.evals_run is not None and summary.evals_saved == 4 - summary.evals_run
+    assert summary.triggers[-1].reason == "final" and summary.triggers[-1].step == 8

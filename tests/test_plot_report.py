@@ -80,7 +80,7 @@ def test_report_cli_is_one_offline_html_file(run_log: Path, tmp_path: Path) -> N
     out = tmp_path / "report.html"
     proc = gradience("report", str(run_log), "-o", str(out))
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.startswith(f"Wrote {out} (") and "monitor, audit, analysis, plots" in proc.stdout
+    assert proc.stdout.startswith(f"Wrote {out} (") and "plots, monitor, triggers, audit, analysis" in proc.stdout
     page = out.read_text(encoding="utf-8")
     assert not re.search(r"https?://", page)
     assert "<script" not in page and "<link" not in page

@@ -217,7 +217,9 @@ class _Log:
 
 def test_trainer_glue_counts_evals_seconds_and_savings() -> None:
     glue = TrainerTrigger(TriggerPolicy(window=5, min_spacing=5, max_spacing=20))
-    assert glue.begin(_Obj(eval_strategy="steps")) is not None and glue.override
+    # The user configured eval every 10 steps: the trigger replaces that schedule, silently,
+    # and its savings are counted against it (not against its own min_spacing of 5).
+    assert glue.begin(_Obj(eval_strategy="steps", eval_steps=10)) is None and glue.override
     log, evals = _Log(), []
     for step in range(1, 51):
         state, control = _Obj(global_step=step, max_steps=50), _Obj(should_evaluate=True)
@@ -232,10 +234,32 @@ def test_trainer_glue_counts_evals_seconds_and_savings() -> None:
     assert [(f["reason"], s) for _, s, f in log.records] == [(MAX_SPACING, 20), (MAX_SPACING, 40), (FINAL, 50)]
     summary = glue.summary(50)
     assert {k: summary[k] for k in ("evals_run", "eval_seconds", "mean_eval_seconds", "reference_eval_every",
-                                    "reference_evals", "evals_saved", "eval_seconds_saved")} == {
-        "evals_run": 3, "eval_seconds": 6.0, "mean_eval_seconds": 2.0, "reference_eval_every": 5,
-        "reference_evals": 10, "evals_saved": 7, "eval_seconds_saved": 14.0}  # fmt: skip
+                                    "reference_source", "reference_evals", "evals_saved", "eval_seconds_saved")} == {
+        "evals_run": 3, "eval_seconds": 6.0, "mean_eval_seconds": 2.0, "reference_eval_every": 10,
+        "reference_source": "eval_steps", "reference_evals": 5, "evals_saved": 2, "eval_seconds_saved": 4.0}  # fmt: skip
     assert summary["by_reason"] == {MAX_SPACING: 2, FINAL: 1}
+
+
+@pytest.mark.parametrize(("args", "policy", "expected"), [
+    ({"eval_strategy": "steps", "eval_steps": 10}, {}, (10, "eval_steps", 5)),
+    ({"eval_strategy": "steps", "eval_steps": 0.25}, {}, (13, "eval_steps", 4)),  # a fraction of max_steps
+    ({"eval_strategy": "no"}, {}, (5, "min_spacing", 10)),  # nothing configured: the trigger's floor
+    ({"eval_strategy": "steps", "eval_steps": 10}, {"reference_eval_every": 25}, (25, "reference_eval_every", 2)),
+])  # fmt: skip
+def test_savings_are_counted_against_the_configured_schedule(
+    args: dict[str, Any], policy: dict[str, Any], expected: tuple[int, str, int]
+) -> None:
+    glue = TrainerTrigger(TriggerPolicy(window=5, min_spacing=5, max_spacing=20, **policy))
+    glue.begin(_Obj(**args), _Obj(global_step=0, max_steps=50))
+    summary = glue.summary(50)
+    assert (summary["reference_eval_every"], summary["reference_source"], summary["reference_evals"]) == expected
+    assert summary["reference_evals"] == reference_evals(50, expected[0])
+
+
+def test_epoch_schedule_is_overridden_with_a_warning() -> None:
+    glue = TrainerTrigger(TriggerPolicy())
+    note = glue.begin(_Obj(eval_strategy="epoch"))
+    assert note is not None and "eval_strategy='epoch'" in note and glue.override
 
 
 def test_another_rank_s_trigger_makes_this_rank_evaluate_too() -> None:
@@ -278,7 +302,7 @@ def _triggers(records: list[dict[str, Any]]) -> dict[int, dict[str, Any]]:
 
 def test_trainer_evaluates_only_at_trigger_steps(tmp_path: Path) -> None:
     records, overridden = _run(tmp_path, "steps")
-    assert len(overridden) == 1  # the Trainer's eval_strategy="steps" is overridden, once, loudly
+    assert overridden == []  # eval_strategy="steps" is the reference schedule the trigger replaces
     triggers = _triggers(records)
     eval_steps = sorted({r["step"] for r in records if r["event"] == "eval"})
     assert eval_steps == sorted(triggers) and eval_steps[-1] == 20
@@ -293,7 +317,9 @@ def test_trainer_evaluates_only_at_trigger_steps(tmp_path: Path) -> None:
     assert end["event"] == "run_end" and end["status"] == "ok"
     savings = end["eval_savings"]
     assert savings["evals_run"] == len(eval_steps) == savings["triggered"]
-    assert savings["reference_eval_every"] == 3 and savings["reference_evals"] == reference_evals(20, 3) == 7
+    # Against the configured schedule (eval every step), not the trigger's min_spacing (3).
+    assert (savings["reference_eval_every"], savings["reference_source"]) == (1, "eval_steps")
+    assert savings["reference_evals"] == reference_evals(20, 1) == 20
     assert savings["eval_seconds"] > 0
     expected = (savings["reference_evals"] - savings["evals_run"]) * savings["eval_seconds"] / savings["evals_run"]
     assert savings["eval_seconds_saved"] == pytest.approx(expected, abs=2e-3)
@@ -321,3 +347,43 @@ def test_trigger_misconfiguration_fails_at_construction(tmp_path: Path) -> None:
         GradienceCallback(tmp_path, trigger=TriggerPolicy())
     with pytest.raises(UsageError, match="eval_policy"):
         GradienceCallback(tmp_path, eval_policy="sometimes")
+
+
+# -- eval RNG isolation ------------------------------------------------------------------------
+
+
+def test_rng_guard_restores_only_the_step_it_saved() -> None:
+    from gradience.integrations.eval_rng import EvalRngGuard
+
+    guard = EvalRngGuard()
+    guard.save(5)
+    expected = torch.rand(3)
+    guard.restore(5)  # an eval split at step 5 ran: the stream is put back
+    assert torch.equal(torch.rand(3), expected)
+    after = torch.get_rng_state()
+    guard.restore(6)  # nothing saved at step 6: never rewind to an older state
+    assert torch.equal(torch.get_rng_state(), after)
+
+
+class _RngProbe(transformers.TrainerCallback):  # type: ignore[misc]
+    """The torch RNG state as each step begins: what dropout and batch order will draw from."""
+
+    def __init__(self) -> None:
+        self.states: list[bytes] = []
+
+    def on_step_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+        self.states.append(torch.get_rng_state().numpy().tobytes())
+
+
+@pytest.mark.parametrize("isolate", [True, False])
+def test_evals_do_not_move_the_training_rng(tmp_path: Path, isolate: bool) -> None:
+    """With isolation (the default) a run that evaluates every 2 steps draws the same random
+    numbers for training as one that never evaluates; without it, every eval shifts them."""
+    probes = []
+    for name, schedule in (("never", {"eval_strategy": "no"}), ("often", {"eval_strategy": "steps", "eval_steps": 2})):
+        probe = _RngProbe()
+        cb = GradienceCallback(tmp_path / name, structural_interval=2, isolate_eval_rng=isolate)
+        tiny_trainer(tmp_path / name, [cb, probe], max_steps=6, **schedule).train()
+        probes.append(probe.states)
+    assert len(probes[0]) == len(probes[1]) == 6
+    assert (probes[0] == probes[1]) is isolate

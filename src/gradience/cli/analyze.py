@@ -14,15 +14,20 @@ from gradience.analysis.results import (
     Pair,
     RunAnalysis,
 )
+from gradience.cli._inputs import add_log_argument, check_names, resolve_log, split_names
 from gradience.cli._output import emit_json, header, num, pct
+from gradience.runlog.monitor_report import STRUCTURAL_KEYS
 
 
 def register(sub: Any) -> None:
     p = sub.add_parser(
         "analyze",
         help="structure vs eval loss in run logs: cadence, correlation, lead/lag, forecast, early stop",
+        description="Join structural snapshots and evals at exactly matched steps, then measure "
+        "how structure tracks eval loss: correlation, cross-correlation lead/lag, Granger, a ridge "
+        "forecast and early-stop replays. Several logs are seeds of one setup.",
     )
-    p.add_argument("runs", nargs="+", metavar="RUN_JSONL", help="run logs (several = seeds of one setup)")
+    add_log_argument(p, many=True)
     p.add_argument("--metrics", nargs="+", default=list(DEFAULT_METRICS), metavar="NAME",
                    help=f"structural metrics, space or comma separated (default: {' '.join(DEFAULT_METRICS)})")
     p.add_argument("--split", help="eval split whose loss is the target (default: test, then eval, then validation)")
@@ -34,8 +39,8 @@ def register(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    metrics = [m for arg in args.metrics for m in arg.split(",") if m]
-    report = analyze(args.runs, metrics, args.split, args.max_lag, basis=args.basis)
+    metrics = check_names(split_names(args.metrics), STRUCTURAL_KEYS, "structural metric")
+    report = analyze([resolve_log(r) for r in args.runs], metrics, args.split, args.max_lag, basis=args.basis)
     if args.json:
         emit_json(report)
     else:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from gradience.cli._inputs import AdapterInput, adapter_arg, add_adapter_argument, resolve_adapter
 from gradience.cli._output import emit_json, header, human_count, num, pct
 from gradience.mechanic.audit import AuditReport, audit
 
@@ -12,11 +13,11 @@ from gradience.mechanic.audit import AuditReport, audit
 def register(sub: Any) -> None:
     p = sub.add_parser(
         "audit", help="spectral audit of a saved LoRA adapter (PEFT folder or kohya/diffusers file)",
-        description="Audit a PEFT adapter folder (--peft-dir DIR) or one single-file LoRA "
-        "(--weights FILE.safetensors without --peft-dir): kohya-ss / diffusers `lora_down` / "
-        "`lora_up` / `alpha` keys, scale = alpha / r (alpha = r when absent).",
+        description="Audit a PEFT adapter folder or one single-file LoRA (a .safetensors file: "
+        "kohya-ss / diffusers `lora_down` / `lora_up` / `alpha` keys, scale = alpha / r, alpha = r "
+        "when absent): per-module spectra, the most rank-hungry modules, suggested ranks.",
     )
-    p.add_argument("--peft-dir", help="folder with adapter_config.json and weights")
+    add_adapter_argument(p, "PEFT adapter folder, or a single-file LoRA (.safetensors)")
     p.add_argument("--adapter-config", help="use this adapter_config.json instead of the one in --peft-dir")
     p.add_argument(
         "--weights", metavar="FILE",
@@ -53,8 +54,12 @@ def register(sub: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.recursive:
         return run_recursive(args)
+    if args.weights and not (args.adapter or args.adapter_alias):
+        source = AdapterInput(None, None)  # --weights FILE alone: single-file mode, as before
+    else:
+        source = resolve_adapter(adapter_arg(args))
     report = audit(
-        args.peft_dir, adapter_config=args.adapter_config, weights=args.weights,
+        source.peft_dir, adapter_config=args.adapter_config, weights=args.weights or source.weights,
         energy=args.energy, top_least_used=args.top_least_used,
         fmt=args.format, base_model=args.base_model, base_cache=args.base_cache,
     )

@@ -15,6 +15,9 @@ def register(sub: Any) -> None:
     p = sub.add_parser(
         "bench",
         help="probe at r=16, audit, then compress vs retrain at the suggested ranks over seeds (demo task)",
+        description="On the demo task: train a probe adapter at r=16, audit it, then compare "
+        "compressing it to the suggested ranks against retraining at them, over several seeds, "
+        "with an equivalence margin on test accuracy. Writes bench.md and bench.json.",
     )
     p.add_argument("--seeds", type=int, default=3, metavar="N", help="seeds 0..N-1, one paired observation each (default 3)")
     p.add_argument("--steps", type=int, default=BenchConfig.steps, help=f"training steps per run (default {BenchConfig.steps})")

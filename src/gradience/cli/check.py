@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from gradience.cli._inputs import adapter_arg, add_adapter_argument, resolve_adapter
 from gradience.cli._output import emit_json, header
 from gradience.preflight.check import SEVERITIES, CheckReport, Finding, check, format_number
 from gradience.preflight.profiles import PROFILES
@@ -21,7 +22,7 @@ def register(sub: Any) -> None:
     )
     p.add_argument("--task", required=True,
                    help=f"task profile or alias: {profiles}, or e.g. sst2, imdb, gsm8k, chat, code")
-    p.add_argument("--peft-dir", required=True, help="folder with adapter_config.json (or the file)")
+    add_adapter_argument(p, "adapter folder with adapter_config.json (or the file itself)")
     p.add_argument("--training-dir", required=True, help="folder with training_args.json (or the file)")
     p.add_argument("--model-config", metavar="CONFIG_JSON",
                    help="the model's config.json (default: one in --training-dir or --peft-dir)")
@@ -30,7 +31,8 @@ def register(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    report = check(args.task, args.peft_dir, training_dir=args.training_dir, model_config=args.model_config)
+    source = resolve_adapter(adapter_arg(args))
+    report = check(args.task, source.peft_dir or str(source.weights), training_dir=args.training_dir, model_config=args.model_config)
     if args.json:
         emit_json(report)
     else:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from gradience.cli._inputs import add_input_argument, input_arg
 from gradience.cli._output import emit_json, header, num, pct
 from gradience.mechanic.explain import Explanation, explain
 
@@ -16,14 +17,14 @@ def register(sub: Any) -> None:
         "spectrum, k@q, stable rank, utilization, each rank policy, the grid rounding, and the "
         "adapter's median module.",
     )
-    p.add_argument("--audit", required=True, metavar="AUDIT_JSON", help="output of `gradience audit --json --layers`")
+    add_input_argument(p, "audit", "AUDIT_JSON", "--audit", "output of `gradience audit --json --layers`")
     p.add_argument("--module", required=True, metavar="NAME", help="module path, or a unique tail of it")
     p.add_argument("--json", action="store_true", help="print the Explanation as JSON")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    result = explain(args.audit, args.module)
+    result = explain(input_arg(args, "audit", "--audit", "a saved `gradience audit --json --layers` file"), args.module)
     if args.json:
         emit_json(result)
     else:

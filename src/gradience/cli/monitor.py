@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from gradience.cli._inputs import add_log_argument, resolve_log
 from gradience.cli._output import emit_json, header, human_count, num, pct
 from gradience.runlog.monitor import monitor
 from gradience.runlog.monitor_report import (
@@ -15,6 +16,7 @@ from gradience.runlog.monitor_report import (
     MonitorReport,
     Trend,
 )
+from gradience.runlog.triggers import summary_lines
 
 _LORA_KEYS = ("r", "lora_alpha", "use_rslora", "use_dora", "target_modules", "lora_dropout",
               "rank_pattern", "alpha_pattern")  # fmt: skip
@@ -22,15 +24,19 @@ _LATEST_ALERTS = 3
 
 
 def register(sub: Any) -> None:
-    p = sub.add_parser("monitor", help="summarise a run log: signals, diagnostics, recommendations")
-    p.add_argument("run_jsonl", metavar="RUN.jsonl", help="run log written by the Gradience callback")
+    p = sub.add_parser(
+        "monitor", help="summarise a run log: signals, diagnostics, recommendations",
+        description="Summarise a run log (run.jsonl, or the run folder holding it): latest eval "
+        "signals, diagnostics with their thresholds, trigger evals and their savings, and what to check next.",
+    )
+    add_log_argument(p)
     p.add_argument("--verbose", action="store_true", help="add trends, LoRA config, training args, all alerts, the audit")
     p.add_argument("--json", action="store_true", help="print the MonitorReport as JSON")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    report = monitor(args.run_jsonl)
+    report = monitor(resolve_log(args.run_jsonl))
     if args.json:
         emit_json(report)
     else:
@@ -49,10 +55,12 @@ def render(r: MonitorReport, verbose: bool = False) -> list[str]:
         out += ["", "Latest eval per split:"]
         for e in r.evals.values():
             out.append(f"  {e.split:<8} step {e.step}  loss={num(e.loss, 4)}  ppl={num(e.ppl)}"
-                       f"  acc={pct(e.accuracy)}  ({e.n_evals} evals)")  # fmt: skip
+                       f"  acc={pct(e.accuracy)}  ({e.n_evals} eval{'' if e.n_evals == 1 else 's'})")  # fmt: skip
     out += ["", "Diagnostics:", *_diagnostics(r)]
     if verbose and r.structural is not None:
         out += _trend_table(r)
+    if r.triggers is not None:
+        out += ["", *summary_lines(r.triggers, None if verbose else 10)]
     if r.audit is not None:
         out += _audit(r, verbose)
     out += _alerts(r, verbose)
@@ -82,7 +90,7 @@ def _identity(r: MonitorReport) -> list[str]:
         ids += f" ({len(r.run_ids)} run ids in this log)"
     t = r.train
     steps = f"Steps: {r.last_step if r.last_step is not None else 'n/a'}"
-    steps += f" ({t.n_steps} train_step records, steps {t.first_step}-{t.last_step})" if t.n_steps else " (no train_step records)"
+    steps += f" ({t.n_steps} train_step record{'' if t.n_steps == 1 else 's'}, steps {t.first_step}-{t.last_step})" if t.n_steps else " (no train_step records)"
     if r.n_resumes:
         steps += f"; resumed {r.n_resumes}x"
     return [

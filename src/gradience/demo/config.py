@@ -58,11 +58,21 @@ class DemoConfig:
     n_train: int = field(default=2000, metadata={"help": "Training sentences (class-balanced)."})
     n_test: int = field(
         default=300,
-        metadata={"help": "Test sentences (class-balanced); the train-split eval uses as many."},
+        metadata={"help": "Test sentences (class-balanced)."},
+    )
+    n_train_eval: int = field(
+        default=100,
+        metadata={
+            "help": "Training sentences the train-split eval scores (the first of the train split); "
+            "0 = as many as n_test."
+        },
     )
     eval_steps: int = field(
-        default=40,
-        metadata={"help": "Evaluate both splits every this many steps (and at the end)."},
+        default=10,
+        metadata={
+            "help": "Evaluate both splits every this many steps (and at the end); 10 matches the "
+            "structural snapshot cadence, so analysis has one matched point per eval."
+        },
     )
     logging_steps: int = field(
         default=10, metadata={"help": "Log the training loss every this many steps."}
@@ -92,6 +102,7 @@ class DemoConfig:
             check_int(name, getattr(self, name), minimum=1)
         check_int("warmup_steps", self.warmup_steps, minimum=0)
         check_int("num_threads", self.num_threads, minimum=0)
+        check_int("n_train_eval", self.n_train_eval, minimum=0)
         check_int("seed", self.seed, minimum=0)
         check_int("lora_alpha", self.lora_alpha, minimum=1)
         if not is_number(self.learning_rate) or self.learning_rate <= 0:

@@ -176,7 +176,7 @@ def _build_trainer(
         "data_seed": config.seed,
         "dataloader_num_workers": 0,
     }
-    train_eval_rows = train_rows[: len(test_rows)]
+    train_eval_rows = train_rows[: config.n_train_eval or len(test_rows)]
     trainer = Trainer(
         model=peft_model,
         args=TrainingArguments(**{**args, **overrides}),

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from gradience.errors import UsageError, require
+from gradience.integrations.eval_rng import EvalRngGuard
 from gradience.integrations.guard import GuardConfig
 from gradience.integrations.guard_trainer import TrainerGuard
 from gradience.integrations.recorder import Recorder
@@ -100,9 +101,14 @@ class GradienceCallback(TrainerCallback):
         record_paths: keep absolute paths and the host name in the log (off: dropped).
         eval_policy: `fixed` (the Trainer's schedule) or `trigger`: evaluate when the structure
             plateaus, diverges or changes regime, within a step budget (see `trigger.py`).
-            With `trigger` the Trainer's own eval_strategy should be "no"; a "steps" or
-            "epoch" schedule is overridden (with a warning). Needs `structural_interval` > 0.
+            With `trigger` a Trainer eval_strategy "steps" is the reference schedule the trigger
+            replaces; "epoch" is overridden with a warning; "no" only adds the trigger's evals.
+            Needs `structural_interval` > 0.
         trigger: the `TriggerPolicy` of `eval_policy="trigger"` (default: its defaults).
+            Its savings are counted against the Trainer's `eval_steps` when its eval_strategy
+            is "steps" (the schedule the trigger replaces).
+        isolate_eval_rng: restore the torch RNG after every eval (on by default), so when the
+            evals run does not change the training (dropout masks, batch order); see `eval_rng.py`.
     """
 
     def __init__(
@@ -119,6 +125,7 @@ class GradienceCallback(TrainerCallback):
         record_paths: bool = False,
         eval_policy: str = "fixed",
         trigger: TriggerPolicy | None = None,
+        isolate_eval_rng: bool = True,
     ) -> None:
         if eval_policy not in ("fixed", "trigger"):
             raise UsageError(f"`eval_policy` must be 'fixed' or 'trigger', got {eval_policy!r}")
@@ -140,6 +147,7 @@ class GradienceCallback(TrainerCallback):
             self._recorder.on_snapshot = self._trigger.observe
         self._lora_grad_norm: float | None = None
         self._started = False
+        self._eval_rng = EvalRngGuard() if isolate_eval_rng else None
 
     @property
     def log_path(self) -> Path:
@@ -234,6 +242,8 @@ class GradienceCallback(TrainerCallback):
         self._recorder.maybe_snapshot(state.global_step, reason)
         if self._trigger is not None:  # what the fresh snapshot says
             self._trigger.step_end(state, control, self._recorder)
+        if self._eval_rng is not None and control.should_evaluate:
+            self._eval_rng.save(state.global_step)
 
     @_guarded
     def on_epoch_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
@@ -257,6 +267,8 @@ class GradienceCallback(TrainerCallback):
     def on_evaluate(self, args: Any, state: Any, control: Any, metrics: Mapping[str, Any] | None = None,
                     model: Any = None, **kwargs: Any) -> None:
         self._setup(args, state, model)
+        if self._eval_rng is not None:
+            self._eval_rng.restore(state.global_step)
         if not metrics:
             return
         split, values, timing = split_eval_metrics(metrics)

@@ -5,9 +5,11 @@ adapter's structure is measured every few steps anyway (a snapshot costs a fract
 step), so `GradienceCallback(eval_policy="trigger")` reads that series and asks for an eval
 only when it moves in a way worth checking:
 
-- `plateau`: the structure stopped moving: the fitted relative slope of `metric`
+- `plateau_entry`: the structure stopped moving: the fitted relative slope of `metric`
   (`frobenius_norm`) over the last `window` snapshots fell below `plateau_rel_slope` per
-  step. Fires once on entering a plateau, not on every point of it.
+  step. Fires once on entering a plateau, not on every point of it. (Not the same rule as
+  `analyze`'s early-stop `plateau`, which fits the change across a window of matched eval
+  points and waits `plateau_patience` points: hence the distinct name.)
 - `divergence`: the latest rate of change of a structural metric is a `z_threshold`-sigma
   outlier against its previous `2 * window` rates (twice the slope's window: a spread
   estimated from a handful of rates would make false alarms common).
@@ -36,7 +38,7 @@ Example:
     ...     decision = state.decide(step)
     ...     if decision.evaluate:
     ...         print(step, decision.reason)
-    5 plateau
+    5 plateau_entry
 """
 
 from __future__ import annotations
@@ -57,7 +59,7 @@ TRIGGER_KIND = "eval_trigger"
 NONFINITE = "nonfinite"
 DIVERGENCE = "divergence"
 REGIME_CHANGE = "regime_change"
-PLATEAU = "plateau"
+PLATEAU = "plateau_entry"
 MAX_SPACING = "max_spacing"
 FINAL = "final"
 # Most urgent first: when several triggers are pending, the eval is reported under the first.
@@ -96,7 +98,9 @@ class TriggerPolicy:
     eval_at_end: bool = field(default=True, metadata={"help": "always evaluate at the last step"})
     reference_eval_every: int = field(
         default=0,
-        metadata={"help": "fixed schedule the savings are measured against (0: every `min_spacing` steps)"},
+        metadata={"help": "fixed schedule (steps) the savings are measured against; 0: the Trainer's own "
+                          "`eval_steps` when its eval_strategy is 'steps' (the schedule the user configured), "
+                          "else every `min_spacing` steps"},
     )
 
     def __post_init__(self) -> None:
@@ -117,10 +121,22 @@ class TriggerPolicy:
             raise UsageError(f"`divergence_metrics` must be a tuple of names, got {self.divergence_metrics!r}")
         object.__setattr__(self, "divergence_metrics", tuple(self.divergence_metrics))
 
-    @property
-    def reference_every(self) -> int:
-        """The fixed schedule the savings are counted against: the trigger's top frequency."""
-        return self.reference_eval_every or self.min_spacing
+    def reference(self, configured_eval_steps: int | None = None) -> tuple[int, str]:
+        """The fixed schedule the savings are counted against, and where it came from.
+
+        An explicit `reference_eval_every` wins; else the user's configured `eval_steps`
+        (what they would have paid without the trigger); else `min_spacing`, the trigger's top
+        frequency, as a last resort when no schedule was configured.
+
+        Example:
+            >>> TriggerPolicy(min_spacing=5).reference(10)
+            (10, 'eval_steps')
+        """
+        if self.reference_eval_every:
+            return self.reference_eval_every, "reference_eval_every"
+        if configured_eval_steps:
+            return configured_eval_steps, "eval_steps"
+        return self.min_spacing, "min_spacing"
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

@@ -4,6 +4,7 @@ the trigger records, eval timing and the savings reported in `run_end`.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -40,6 +41,7 @@ class TrainerTrigger:
         self._eval_step: int | None = None  # the step an eval was agreed for
         self._eval_seconds: dict[int, float] = {}
         self._mark: float | None = None
+        self.configured_eval_steps: int | None = None  # the Trainer's schedule, if "steps"
 
     def begin(self, args: Any, state: Any = None) -> str | None:
         """Decide whether the Trainer's schedule is overridden; returns a warning if it is.
@@ -50,9 +52,15 @@ class TrainerTrigger:
         strategy = getattr(args, "eval_strategy", "no")
         strategy = str(getattr(strategy, "value", strategy))
         self.override = strategy not in ("no", "None")
+        if strategy == "steps":  # the configured schedule: the trigger replaces it, and is measured against it
+            every: Any = getattr(args, "eval_steps", None)
+            if isinstance(every, float) and 0 < every < 1:  # a fraction of max_steps
+                every = math.ceil(every * int(getattr(state, "max_steps", 0) or 0))
+            self.configured_eval_steps = int(every) if is_finite(every) and every >= 1 else None
+            return None
         if self.override:
             return (f"gradience: eval_policy='trigger' overrides the Trainer's eval_strategy={strategy!r}; "
-                    "set eval_strategy='no' to silence this")  # fmt: skip
+                    "set eval_strategy='no' or 'steps' to silence this")  # fmt: skip
         return None
 
     def observe(self, step: int, reason: str, metrics: Mapping[str, float]) -> None:
@@ -109,11 +117,12 @@ class TrainerTrigger:
 
     def summary(self, total_steps: int) -> dict[str, Any]:
         """What the run's `run_end` reports: evals run, their seconds, and the savings
-        against a fixed schedule every `reference_every` steps over the same steps."""
+        against the fixed schedule the user configured (`TriggerPolicy.reference`) over the
+        same steps, priced at this run's mean seconds per eval."""
         evals = len(self._eval_seconds)
         seconds = sum(self._eval_seconds.values())
         mean = seconds / evals if evals else None
-        every = self.policy.reference_every
+        every, source = self.policy.reference(self.configured_eval_steps)
         ref = reference_evals(total_steps, every)
         by_reason: dict[str, int] = {}
         for d in self.triggers:
@@ -122,6 +131,7 @@ class TrainerTrigger:
             "policy": self.policy.to_dict(), "evals_run": evals, "triggered": len(self.triggers),
             "by_reason": by_reason, "eval_seconds": round(seconds, 3),
             "mean_eval_seconds": None if mean is None else round(mean, 3),
-            "reference_eval_every": every, "reference_evals": ref, "evals_saved": ref - evals,
+            "reference_eval_every": every, "reference_source": source, "reference_evals": ref,
+            "evals_saved": ref - evals,
             "eval_seconds_saved": None if mean is None else round((ref - evals) * mean, 3),
         }  # fmt: skip

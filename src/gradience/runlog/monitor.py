@@ -43,6 +43,7 @@ from gradience.runlog.monitor_report import (
     json_ready,
     trend,
 )
+from gradience.runlog.triggers import TriggerCollector
 from gradience.telemetry import ReadProblems, iter_record_data
 
 
@@ -98,6 +99,7 @@ class _Summary:
         self.alert_codes: Counter[str] = Counter()
         self.alert_severities: Counter[str] = Counter()
         self.nonfinite_paths: Counter[str] = Counter()
+        self.triggers = TriggerCollector()
 
     def add(self, data: dict[str, Any]) -> None:
         """Fold one record (a dict that passed the reader's envelope checks) into the summary."""
@@ -118,6 +120,7 @@ class _Summary:
         handler = _HANDLERS.get(event)
         if handler is not None:
             handler(self, step, data)
+        self.triggers.add(data)
 
     def on_train_step(self, step: int | None, data: dict[str, Any]) -> None:
         self.n_train += 1
@@ -270,6 +273,7 @@ def _report(s: _Summary, path: str, problems: ReadProblems) -> MonitorReport:
         nonfinite=nonfinite, recommendations=tuple(recs), recommendation_note=HYPOTHESIS_NOTE,
         thresholds=THRESHOLDS, missing=tuple(_missing(s)), skipped_lines=len(problems),
         read_problems=tuple(m.removeprefix(prefix) for m in problems.messages()),
+        triggers=s.triggers.result(),
     )  # fmt: skip
 
 

@@ -12,6 +12,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from gradience.runlog.triggers import TriggerSummary
+
 GAP_THRESHOLD = 1.5  # test ppl / train ppl above this: probably memorizing
 CHANCE_MARGIN = 0.05  # test accuracy at most this far above chance: task set-up suspect
 UTILIZATION_THRESHOLD = 0.25  # mean stable_rank / r below this: rank over-provisioned
@@ -190,6 +192,7 @@ class MonitorReport:
     missing: tuple[str, ...]
     skipped_lines: int
     read_problems: tuple[str, ...]  # one line per kind of problem, with line numbers
+    triggers: TriggerSummary | None = None  # trigger-based eval: each trigger and the savings
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready nested dict (tuples as lists, finite numbers or null)."""

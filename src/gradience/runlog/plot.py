@@ -1,28 +1,34 @@
-"""Plots of a run log: structural metrics and eval loss against step, trigger points marked.
+"""Plots of run logs a practitioner reads at a glance, drawn from the log alone.
 
-One panel per structural metric (left axis) with the eval loss of one held-out split on a
-twin right axis, so the eye can check what `gradience analyze` measures: whether structure
-moves with eval loss. Eval steps are dots on the loss curve; trigger records (a `metrics`
-record of kind `eval_trigger`, or an eval or structural record with `reason: "trigger"`)
-are dotted vertical lines, and the eval each trigger caused (the first at or after it) is
-ringed.
+One figure, panels sharing the step axis, top to bottom:
 
-matplotlib (`pip install gradience[plot]`) is imported inside `render_png`; importing this
-module needs numpy only. Figures are drawn on the Agg canvas directly, never through pyplot,
-so no global backend is switched and nothing opens a window.
+- losses: train loss (`train_step`), one eval-loss line (one held-out split), the train
+  split's eval loss when logged, and the gap between eval and train shaded;
+- one panel per structural metric (whole-adapter values of the `structural` records);
+- a per-layer x step heatmap of one structural metric, from the per-module values every
+  structural record carries (modules grouped by their layer index).
+
+Every panel marks the trigger evals (`metrics` records of kind `eval_trigger`) as vertical
+lines styled by reason, and the eval each trigger caused is ringed. Legends sit outside the
+axes, so they cover no data. The title names the model, the task and the run. Several logs
+overlay: one colour per run, losses and structure only (`plot_runs`).
+
+matplotlib (`pip install gradience[plot]`) is imported inside the drawing module
+(`plot_draw.py`); importing this one needs numpy only. Figures are drawn on the Agg canvas
+directly, never through pyplot, so no global backend is switched and nothing opens a window.
 
     from gradience.runlog.plot import plot_run
 
     result = plot_run("runs/toy/run.jsonl", "runs/toy/run.png")
-    print(result.width_px, result.height_px, result.n_evals)
+    print(result.title, result.n_evals)
 """
 
 from __future__ import annotations
 
-import io
 import os
+import re
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -35,10 +41,11 @@ from gradience.integrations.trigger import TRIGGER_KIND
 from gradience.telemetry import ReadProblems, iter_records
 
 PLOT_METRICS: tuple[str, ...] = ("frobenius_norm", "sigma_max", "stable_rank", "energy_rank_90")
-
-DPI = 100
-_PANEL_INCHES = (9.0, 2.3)
-_STRUCTURE_COLOR, _LOSS_COLOR, _TRIGGER_COLOR = "#1f77b4", "#d62728", "#2ca02c"
+HEATMAP_METRIC = "frobenius_norm"
+TRAIN_SPLITS = ("train", "training")  # a held-out eval of training data: the like-for-like train loss
+MAX_HEATMAP_ROWS = 48  # rows beyond this (modules of an unlayered adapter) are left out, with a note
+# `...layer.3.`, `...layers.12.`, `...h.0.`, `...blocks.7.`, `...block.2.`: the layer index of a module path
+_LAYER = re.compile(r"(?:^|\.)(?:layers?|h|blocks?|block)\.(\d+)\.")
 
 
 @dataclass(frozen=True, eq=False)
@@ -53,6 +60,15 @@ class RunCurves:
     trigger_steps: np.ndarray  # int64: steps of trigger records, sorted, unique
     triggered_eval_steps: np.ndarray  # int64: eval steps caused by a trigger (subset of eval_loss.steps)
     notes: tuple[str, ...] = ()
+    title: str = ""
+    run_name: str = ""
+    train_loss: Series | None = None  # train_step losses
+    train_eval_loss: Series | None = None  # eval on a train split, when logged
+    trigger_reasons: dict[int, str] = field(default_factory=dict)  # step -> reason (the first at a step)
+    heatmap_metric: str = HEATMAP_METRIC
+    heatmap_rows: tuple[str, ...] = ()  # "layer 0", ... or module names
+    heatmap_steps: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    heatmap: np.ndarray = field(default_factory=lambda: np.zeros((0, 0)))  # rows x steps, NaN where absent
 
 
 @dataclass(frozen=True)
@@ -71,10 +87,16 @@ class PlotResult:
     height_px: int
     bytes: int
     notes: tuple[str, ...] = ()
+    title: str = ""
+    paths: tuple[str, ...] = ()  # every log drawn (more than one: an overlay)
+    heatmap_metric: str | None = None
+    heatmap_rows: int = 0
+    trigger_reasons: dict[str, int] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
-        out["metrics"], out["notes"] = list(self.metrics), list(self.notes)
+        for key in ("metrics", "notes", "paths"):
+            out[key] = list(getattr(self, key))
         return out
 
 
@@ -90,12 +112,43 @@ def _is_trigger(event: str, data: dict[str, Any]) -> bool:
     return event in ("eval", "metrics") and (data.get("reason") == "trigger" or data.get("trigger") is True)
 
 
-def read_curves(path: str | os.PathLike[str], split: str | None = None) -> RunCurves:
+def layer_of(module: str) -> int | None:
+    """The layer index in a module path, or None.
+
+    Example:
+        >>> layer_of("base_model.model.bert.encoder.layer.3.attention.self.query")
+        3
+    """
+    found = _LAYER.findall(module)
+    return int(found[-1]) if found else None
+
+
+def _short(name: str) -> str:
+    """`org/Model-Name (package x)` -> `Model-Name`."""
+    return name.split(" (")[0].rstrip("/").rsplit("/", 1)[-1]
+
+
+def run_title(start: dict[str, Any] | None, path: str, run_id: str | None) -> tuple[str, str]:
+    """(title, run name): model, task and run, from `run_start` and the log's place."""
+    start = start or {}
+    model: dict[str, Any] = start["model"] if isinstance(start.get("model"), dict) else {}
+    data: dict[str, Any] = start["dataset"] if isinstance(start.get("dataset"), dict) else {}
+    p = Path(path)
+    name = p.parent.name if p.name == "run.jsonl" and p.parent.name else p.stem
+    run = str(start.get("run_name") or name or run_id or "run")
+    task = data.get("task") or data.get("name") or start.get("task_profile")
+    parts = [_short(str(model["name"])) if model.get("name") else None, str(task) if task else None, run]
+    return " · ".join(x for x in parts if x), run
+
+
+def read_curves(path: str | os.PathLike[str], split: str | None = None,
+                heatmap_metric: str = HEATMAP_METRIC) -> RunCurves:  # fmt: skip
     """Stream a run log into the series the plot draws.
 
     Args:
         path: a `run.jsonl` written by Gradience telemetry.
         split: eval split whose loss is drawn; default: test, then eval, then validation.
+        heatmap_metric: structural metric of the per-layer heatmap (from per-module values).
 
     Returns:
         `RunCurves`; later records at a repeated step replace earlier ones.
@@ -107,40 +160,97 @@ def read_curves(path: str | os.PathLike[str], split: str | None = None) -> RunCu
     problems = ReadProblems(path)
     structural: dict[str, dict[int, float]] = {}
     losses: dict[str, dict[int, float]] = {}
-    triggers: set[int] = set()
-    run_id, n_structural = None, 0
+    train: dict[int, float] = {}
+    modules: dict[str, dict[int, float]] = {}
+    reasons: dict[int, str] = {}
+    run_id, n_structural, start = None, 0, None
     for rec in iter_records(path, problems=problems):
         run_id = run_id or rec.run_id
         data, step = rec.data, rec.step
+        if rec.event == "run_start" and start is None:
+            start = data
         if step is None:
             continue
         if _is_trigger(rec.event, data):
-            triggers.add(step)
+            reasons.setdefault(step, str(data.get("reason") or "trigger"))
         metrics: dict[str, Any] = data["metrics"] if isinstance(data.get("metrics"), dict) else {}
         if rec.event == "metrics" and data.get("kind") == "structural":
             n_structural += 1
             for name, value in metrics.items():
                 if (v := _number(value)) is not None:
                     structural.setdefault(name, {})[step] = v
+            per = data.get("modules")
+            for module, values in (per.items() if isinstance(per, dict) else ()):
+                if isinstance(values, dict) and (v := _number(values.get(heatmap_metric))) is not None:
+                    modules.setdefault(str(module), {})[step] = v
         elif rec.event == "eval" and isinstance(data.get("split"), str):
             loss = _number(metrics.get("loss", metrics.get("eval_loss")))
             if loss is not None:
                 losses.setdefault(data["split"], {})[step] = loss
+        elif rec.event == "train_step" and (v := _number(data.get("loss"))) is not None:
+            train[step] = v
     if n_structural == 0:
         raise TelemetryError(
             f"{path}: no structural records (`metrics` events of kind `structural`) to plot; "
             "log them with GradienceCallback(structural_interval=N)"
         )
-    chosen = choose_split(tuple(losses), split, str(path)) if losses or split else None
+    held_out = {k: v for k, v in losses.items() if k not in TRAIN_SPLITS} or losses
+    chosen = choose_split(tuple(held_out), split, str(path)) if held_out or split else None
     eval_loss = Series.from_points("eval_loss", losses[chosen]) if chosen else None
-    trigger_steps = np.array(sorted(triggers), dtype=np.int64)
+    train_split = next((k for k in TRAIN_SPLITS if k in losses and k != chosen), None)
+    trigger_steps = np.array(sorted(reasons), dtype=np.int64)
+    title, run_name = run_title(start, str(path), run_id)
+    rows, hsteps, grid, notes = _heatmap(modules, heatmap_metric)
     return RunCurves(
         path=str(path), run_id=run_id,
         structural={k: Series.from_points(k, v) for k, v in structural.items()},
         eval_split=chosen, eval_loss=eval_loss, trigger_steps=trigger_steps,
         triggered_eval_steps=_triggered_evals(trigger_steps, eval_loss),
-        notes=tuple(problems.messages()),
+        notes=tuple(problems.messages()) + notes, title=title, run_name=run_name,
+        train_loss=Series.from_points("train_loss", train) if train else None,
+        train_eval_loss=Series.from_points("train_eval_loss", losses[train_split]) if train_split else None,
+        trigger_reasons=reasons, heatmap_metric=heatmap_metric, heatmap_rows=rows,
+        heatmap_steps=hsteps, heatmap=grid,
     )  # fmt: skip
+
+
+def _heatmap(modules: dict[str, dict[int, float]], metric: str
+             ) -> tuple[tuple[str, ...], np.ndarray, np.ndarray, tuple[str, ...]]:  # fmt: skip
+    """Per-layer rows (modules with a layer index grouped; else one row per module) x steps.
+
+    A layer's value combines its modules as the whole-adapter value does (DESIGN.md):
+    frobenius_norm the root of the summed squares, sigma_max the max, the rest the mean.
+    """
+    if not modules:
+        return (), np.zeros(0, dtype=np.int64), np.zeros((0, 0)), ()
+    steps = np.array(sorted({s for v in modules.values() for s in v}), dtype=np.int64)
+    col = {int(s): i for i, s in enumerate(steps)}
+    groups: dict[Any, list[str]] = {}
+    for name in modules:
+        layer = layer_of(name)
+        groups.setdefault(layer if layer is not None else name, []).append(name)
+    layered = all(isinstance(k, int) for k in groups)
+    keys = sorted(groups, key=lambda k: (not isinstance(k, int), k if isinstance(k, int) else 0, str(k)))
+    notes: tuple[str, ...] = ()
+    if len(keys) > MAX_HEATMAP_ROWS:
+        notes = (f"heatmap: {len(keys)} rows, the first {MAX_HEATMAP_ROWS} drawn",)
+        keys = keys[:MAX_HEATMAP_ROWS]
+    grid = np.full((len(keys), len(steps)), np.nan)
+    for r, key in enumerate(keys):
+        block = np.full((len(groups[key]), len(steps)), np.nan)
+        for m, name in enumerate(groups[key]):
+            for s, v in modules[name].items():
+                block[m, col[s]] = v
+        with np.errstate(all="ignore"):
+            if metric == "frobenius_norm":
+                grid[r] = np.sqrt(np.nansum(block**2, axis=0))
+            elif metric == "sigma_max":
+                grid[r] = np.nanmax(np.where(np.isnan(block), -np.inf, block), axis=0)
+            else:
+                grid[r] = np.nanmean(block, axis=0)
+        grid[r, np.isnan(block).all(axis=0)] = np.nan
+    rows = tuple(f"layer {k}" if layered else str(k) for k in keys)
+    return rows, steps, grid, notes
 
 
 def _triggered_evals(triggers: np.ndarray, eval_loss: Series | None) -> np.ndarray:
@@ -152,66 +262,24 @@ def _triggered_evals(triggers: np.ndarray, eval_loss: Series | None) -> np.ndarr
     return np.unique(eval_loss.steps[idx[idx < len(eval_loss)]]).astype(np.int64)
 
 
-def render_png(curves: RunCurves, metrics: Sequence[str] = PLOT_METRICS) -> bytes:
-    """The figure as PNG bytes: one panel per metric present in `curves`, eval loss on a twin axis.
+def render_png(curves: RunCurves | Sequence[RunCurves], metrics: Sequence[str] = PLOT_METRICS,
+               heatmap: bool = True) -> bytes:  # fmt: skip
+    """The figure as PNG bytes; several `curves` overlay (losses and structure, no heatmap).
 
     Raises:
         MissingDependencyError: matplotlib is not installed.
-        TelemetryError: none of `metrics` is in the log.
+        TelemetryError: none of `metrics` is in the log(s).
     """
     require("matplotlib", "plot")
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+    from gradience.runlog.plot_draw import draw
 
-    shown = [m for m in metrics if m in curves.structural and len(curves.structural[m])]
-    if not shown:
-        have = ", ".join(sorted(curves.structural)) or "none"
+    runs = [curves] if isinstance(curves, RunCurves) else list(curves)
+    if not any(m in c.structural and len(c.structural[m]) for c in runs for m in metrics):
+        have = ", ".join(sorted({k for c in runs for k in c.structural})) or "none"
         raise TelemetryError(
-            f"{curves.path}: none of {', '.join(metrics)} in the structural records (have: {have})"
+            f"{runs[0].path}: none of {', '.join(metrics)} in the structural records (have: {have})"
         )
-    width, height = _PANEL_INCHES
-    fig = Figure(figsize=(width, height * len(shown) + 0.6), dpi=DPI)
-    FigureCanvasAgg(fig)
-    axes = fig.subplots(len(shown), 1, sharex=True, squeeze=False)[:, 0]
-    for i, (ax, metric) in enumerate(zip(axes, shown, strict=True)):
-        _panel(ax, curves, metric, legend=i == 0)
-    axes[-1].set_xlabel("step")
-    target = f"eval loss ({curves.eval_split})" if curves.eval_split else "no eval loss logged"
-    fig.suptitle(f"{curves.run_id or Path(curves.path).name}: structure vs {target}", fontsize=11)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=DPI, metadata={"Software": None})
-    return buf.getvalue()
-
-
-def _panel(ax: Any, curves: RunCurves, metric: str, legend: bool) -> None:
-    s = curves.structural[metric]
-    ax.plot(s.steps, s.values, color=_STRUCTURE_COLOR, marker=".", lw=1.5, label=metric)
-    ax.set_ylabel(metric, color=_STRUCTURE_COLOR)
-    ax.tick_params(axis="y", colors=_STRUCTURE_COLOR)
-    ax.grid(alpha=0.3)
-    for i, step in enumerate(curves.trigger_steps):
-        ax.axvline(step, color=_TRIGGER_COLOR, ls=":", lw=1.0, alpha=0.8,
-                   label="eval trigger" if i == 0 else None)  # fmt: skip
-    handles, top = ax.get_legend_handles_labels()[0], ax
-    loss = curves.eval_loss
-    if loss is not None and len(loss):
-        top = ax.twinx()  # drawn above `ax`, so the legend goes on it
-        handles += _loss_curve(top, loss, curves)
-    if legend:
-        top.legend(handles=handles, loc="best", fontsize=8, framealpha=0.9)
-
-
-def _loss_curve(twin: Any, loss: Series, curves: RunCurves) -> list[Any]:
-    twin.plot(loss.steps, loss.values, color=_LOSS_COLOR, marker="o", ms=3.5, lw=1.2,
-              label=f"eval loss ({curves.eval_split})")  # fmt: skip
-    hit = np.isin(loss.steps, curves.triggered_eval_steps)
-    if hit.any():
-        twin.scatter(loss.steps[hit], loss.values[hit], s=80, facecolors="none",
-                     edgecolors=_TRIGGER_COLOR, linewidths=1.8, zorder=3, label="triggered eval")  # fmt: skip
-    twin.set_ylabel("eval loss", color=_LOSS_COLOR)
-    twin.tick_params(axis="y", colors=_LOSS_COLOR)
-    return list(twin.get_legend_handles_labels()[0])
+    return draw(runs, metrics, heatmap=heatmap and len(runs) == 1)
 
 
 def png_size(data: bytes) -> tuple[int, int]:
@@ -237,52 +305,78 @@ def write_output(out: str | os.PathLike[str], data: bytes) -> Path:
 
 
 def plot_run(
-    path: str | os.PathLike[str],
+    path: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
     out: str | os.PathLike[str] | None = None,
     metrics: Sequence[str] = PLOT_METRICS,
     split: str | None = None,
+    heatmap_metric: str = HEATMAP_METRIC,
 ) -> PlotResult:
-    """Plot structural metrics and eval loss of one run log to a PNG file.
+    """Plot one run log (or overlay several) to a PNG file.
 
     Args:
-        path: a `run.jsonl` written by Gradience telemetry.
-        out: the PNG to write (atomically); default: the log's name with `.png`.
+        path: a `run.jsonl` written by Gradience telemetry, or a list of them to overlay.
+        out: the PNG to write (atomically); default: the (first) log's name with `.png`.
         metrics: structural metrics, one panel each (absent ones are skipped, with a note).
         split: eval split drawn; default: test, then eval, then validation.
+        heatmap_metric: structural metric of the per-layer heatmap (single run only).
 
     Returns:
         `PlotResult` with the file written and what it shows.
 
     Raises:
-        UsageError: the log does not exist, or `out` is a folder.
+        UsageError: a log does not exist, or `out` is a folder.
         TelemetryError: no structural records, or none of `metrics` in them.
         MissingDependencyError: matplotlib is not installed (`pip install gradience[plot]`).
 
     Example:
         >>> plot_run("runs/toy/run.jsonl", "runs/toy/run.png").n_evals  # doctest: +SKIP
-        6
+        13
+        >>> plot_run(["runs/a/run.jsonl", "runs/b/run.jsonl"], "ab.png").paths  # doctest: +SKIP
+        ('runs/a/run.jsonl', 'runs/b/run.jsonl')
     """
     require("matplotlib", "plot")
-    curves = read_curves(path, split)
-    data = render_png(curves, metrics)
-    target = write_output(out if out is not None else default_out(path, ".png"), data)
-    return result_of(curves, metrics, str(target), data)
+    paths = [path] if isinstance(path, (str, os.PathLike)) else list(path)
+    if not paths:
+        raise UsageError("no run log given")
+    runs = [read_curves(p, split, heatmap_metric) for p in paths]
+    data = render_png(runs, metrics)
+    target = write_output(out if out is not None else default_out(paths[0], ".png"), data)
+    return result_of(runs, metrics, str(target), data)
 
 
-def result_of(curves: RunCurves, metrics: Sequence[str], out: str, data: bytes) -> PlotResult:
-    """The `PlotResult` of PNG bytes rendered from `curves`."""
-    shown = tuple(m for m in metrics if m in curves.structural and len(curves.structural[m]))
-    notes = list(curves.notes)
+def result_of(curves: RunCurves | Sequence[RunCurves], metrics: Sequence[str], out: str, data: bytes) -> PlotResult:
+    """The `PlotResult` of PNG bytes rendered from `curves` (one run, or the runs overlaid)."""
+    runs = [curves] if isinstance(curves, RunCurves) else list(curves)
+    first = runs[0]
+    shown = tuple(m for m in metrics if any(m in c.structural and len(c.structural[m]) for c in runs))
+    notes = [n for c in runs for n in c.notes]
     if missing := [m for m in metrics if m not in shown]:
         notes.append(f"not in the structural records, not plotted: {', '.join(missing)}")
-    if curves.eval_loss is None:
+    if first.eval_loss is None:
         notes.append("no eval loss in this log; structure only")
+    if len(runs) == 1 and not first.heatmap_rows:
+        notes.append(f"no per-module {first.heatmap_metric} in the structural records; no heatmap")
+    reasons: dict[str, int] = {}
+    for c in runs:
+        for r in c.trigger_reasons.values():
+            reasons[r] = reasons.get(r, 0) + 1
     width, height = png_size(data)
-    n_struct = max((len(s) for s in curves.structural.values()), default=0)
+    n_struct = max((len(s) for s in first.structural.values()), default=0)
+    title = first.title if len(runs) == 1 else overlay_title(runs)
     return PlotResult(
-        path=curves.path, out=out, metrics=shown, eval_split=curves.eval_split,
-        n_structural=n_struct, n_evals=len(curves.eval_loss) if curves.eval_loss else 0,
-        n_triggers=int(curves.trigger_steps.size),
-        n_triggered_evals=int(curves.triggered_eval_steps.size),
-        width_px=width, height_px=height, bytes=len(data), notes=tuple(notes),
+        path=first.path, out=out, metrics=shown, eval_split=first.eval_split,
+        n_structural=n_struct, n_evals=len(first.eval_loss) if first.eval_loss else 0,
+        n_triggers=int(first.trigger_steps.size),
+        n_triggered_evals=int(first.triggered_eval_steps.size),
+        width_px=width, height_px=height, bytes=len(data), notes=tuple(notes), title=title,
+        paths=tuple(c.path for c in runs),
+        heatmap_metric=first.heatmap_metric if len(runs) == 1 and first.heatmap_rows else None,
+        heatmap_rows=len(first.heatmap_rows) if len(runs) == 1 else 0, trigger_reasons=reasons,
     )  # fmt: skip
+
+
+def overlay_title(runs: Sequence[RunCurves]) -> str:
+    """`N runs: a vs b` plus what they share (model, task) from the first title."""
+    names = " vs ".join(c.run_name for c in runs)
+    shared = runs[0].title.rsplit(" · ", 1)[0] if " · " in runs[0].title else ""
+    return f"{shared} · {names}" if shared else names
