@@ -6,6 +6,7 @@ import argparse
 from typing import Any
 
 from gradience.cli._output import emit_json, header
+from gradience.errors import UsageError
 from gradience.preflight.check import SEVERITIES, CheckReport, Finding, check, format_number
 from gradience.preflight.profiles import PROFILES
 
@@ -16,13 +17,17 @@ def register(sub: Any) -> None:
     profiles = ", ".join(PROFILES)
     p = sub.add_parser(
         "check", help="validate a LoRA config and training arguments before training",
-        description="Check adapter_config.json and training_args.json against a task profile "
-                    f"({profiles}). Exit 0: no errors (warnings are advice); 1: errors; 2: bad usage.",
+        description="Check adapter_config.json and training_args.json (or a TRL / axolotl training config) "
+                    f"against a task profile ({profiles}). Exit 0: no errors (warnings are advice); 1: errors; "
+                    "2: bad usage.",
     )
     p.add_argument("--task", required=True,
                    help=f"task profile or alias: {profiles}, or e.g. sst2, imdb, gsm8k, chat, code")
-    p.add_argument("--peft-dir", required=True, help="folder with adapter_config.json (or the file)")
-    p.add_argument("--training-dir", required=True, help="folder with training_args.json (or the file)")
+    p.add_argument("--peft-dir", help="folder with adapter_config.json (or the file)")
+    p.add_argument("--training-dir",
+                   help="folder with training_args.json (or the file); the Gradience callback's out_dir has one")
+    p.add_argument("--config", metavar="TRAIN_YAML",
+                   help="a TRL / axolotl training config (YAML or JSON): check before any training")
     p.add_argument("--model-config", metavar="CONFIG_JSON",
                    help="the model's config.json (default: one in --training-dir or --peft-dir)")
     p.add_argument("--json", action="store_true", help="print the CheckReport as JSON")
@@ -30,7 +35,10 @@ def register(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    report = check(args.task, args.peft_dir, training_dir=args.training_dir, model_config=args.model_config)
+    if args.peft_dir is None and args.config is None:
+        raise UsageError("pass --peft-dir (an adapter folder) or --config (a training config)")
+    report = check(args.task, args.peft_dir, training_dir=args.training_dir, model_config=args.model_config,
+                   config=args.config)
     if args.json:
         emit_json(report)
     else:
