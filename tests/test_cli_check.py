@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from gradience.preflight.check import HEURISTICS_NOTE, check
+from gradience.preflight.profiles import find_profile
 from tests.cli_helpers import assert_one_error_line as _one_error_line
 
 GRADIENCE = str(Path(sys.executable).parent / "gradience")
@@ -46,6 +47,12 @@ def gradience(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 def check_args(run_dir: Path, task: str = "sst2", *extra: str) -> list[str]:
+    config = run_dir / "peft" / "adapter_config.json"
+    profile = find_profile(task)
+    if config.is_file() and profile is not None and profile.name != "classification":
+        data = json.loads(config.read_text(encoding="utf-8"))
+        if isinstance(data, dict) and data.get("task_type") == "SEQ_CLS":  # a generative task trains a causal LM
+            write_json(config, {**data, "task_type": "CAUSAL_LM"})
     return ["check", "--task", task, "--peft-dir", str(run_dir / "peft"),
             "--training-dir", str(run_dir / "training"), *extra]
 

@@ -157,7 +157,8 @@ class _Sanitizer:
             if item is not None and is_secret_key(key):
                 out[self.text(key)] = REDACTED
             else:  # keys are text too: a path or a token used as a key is redacted like a value
-                out[self.text(key)] = self.value(item, [*path, key])
+                clean = self.text(key)
+                out[clean] = self.value(item, [*path, clean])
         return out
 
 
