@@ -177,10 +177,10 @@ def structural_metrics(modules: list[LiveModule]) -> tuple[dict[str, float], dic
     with torch.no_grad(), _single_threaded(on_cpu):
         grams = [_grams(m) for m in modules]
         by_device: dict[Any, list[int]] = defaultdict(list)
-        for i, (g_a, _) in enumerate(grams):
-            by_device[g_a.device].append(i)
+        for i, (g_a, _) in enumerate(grams):  # ranks differ across adapters and rank_pattern
+            by_device[g_a.device, g_a.shape[-1]].append(i)
         host: list[tuple[np.ndarray, np.ndarray]] = [None] * len(modules)  # type: ignore[list-item]
-        for idx in by_device.values():  # one device->host copy per device (float64 on the host)
+        for idx in by_device.values():  # one device->host copy per device and rank (float64 on the host)
             stacked = torch.stack([torch.cat([grams[i][0], grams[i][1]]) for i in idx]).cpu().double().numpy()
             for i, both in zip(idx, stacked, strict=True):
                 r = both.shape[-1]
