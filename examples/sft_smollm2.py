@@ -122,14 +122,15 @@ def main(argv: list[str] | None = None) -> int:
     train_rows = problems(args.steps * 8, args.seed)
     eval_rows = problems(args.n_eval, args.seed + 1)
 
-    class ExactMatchSFT(SFTTrainer):  # type: ignore[misc]
+    class ExactMatchSFT(SFTTrainer):
         """TRL's eval (loss, token accuracy) plus exact match of the generated answer."""
 
         def evaluation_loop(self, *a: Any, **kw: Any) -> Any:
             output = super().evaluation_loop(*a, **kw)
             prefix = kw.get("metric_key_prefix", a[4] if len(a) > 4 else "eval")
-            output.metrics[f"{prefix}_exact_match"] = exact_match(self.model, tokenizer, eval_rows)
-            return output
+            metrics = output.metrics if output.metrics is not None else {}
+            metrics[f"{prefix}_exact_match"] = exact_match(self.model, tokenizer, eval_rows)
+            return output._replace(metrics=metrics)
 
     config = SFTConfig(
         output_dir=args.out, max_steps=args.steps, per_device_train_batch_size=8, learning_rate=1e-3,
@@ -149,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
         callbacks=[callback],
     )
     trainer.train()
-    trainer.model.save_pretrained(Path(args.out) / "peft")
+    trainer.save_model(str(Path(args.out) / "peft"))  # the PEFT adapter only
     load = os.getloadavg()[0]
     print(f"done in {time.perf_counter() - t0:.0f} s on {torch.get_num_threads()} threads "
           f"(load average {load:.2f}); log: {callback.log_path}")
