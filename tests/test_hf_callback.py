@@ -318,3 +318,10 @@ def test_cpu_snapshot_runs_single_threaded_and_restores_the_thread_count(monkeyp
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+def test_an_unknown_check_task_fails_before_training(tmp_path: Path) -> None:
+    from gradience.errors import UsageError
+
+    with pytest.raises(UsageError, match="unknown task 'sst3'"):
+        GradienceCallback(tmp_path, check_task="sst3")
