@@ -325,3 +325,22 @@ def test_an_unknown_check_task_fails_before_training(tmp_path: Path) -> None:
 
     with pytest.raises(UsageError, match="unknown task 'sst3'"):
         GradienceCallback(tmp_path, check_task="sst3")
+
+
+def test_model_names_keep_hub_ids_and_local_folder_names(tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    from gradience.integrations.run_check import model_identity
+
+    hub = SimpleNamespace(config=SimpleNamespace(name_or_path="HuggingFaceTB/SmolLM2-135M-Instruct"))
+    assert model_identity(hub) == {"class": "SimpleNamespace", "name": "HuggingFaceTB/SmolLM2-135M-Instruct",
+                                   "hub_id": "HuggingFaceTB/SmolLM2-135M-Instruct"}  # fmt: skip
+    folder = tmp_path / "smollm2-135m-instruct"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"_name_or_path": "HuggingFaceTB/SmolLM2-135M-Instruct"}))
+    local = SimpleNamespace(config=SimpleNamespace(name_or_path=str(folder)))
+    assert model_identity(local)["name"] == "smollm2-135m-instruct"
+    assert model_identity(local)["hub_id"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    (folder / "config.json").write_text(json.dumps({"_name_or_path": "/home/alice/models/smol"}))
+    assert "hub_id" not in model_identity(local)  # a path is not a hub id
+    assert model_identity(local, "my-name")["name"] == "my-name"
