@@ -39,6 +39,7 @@ from gradience.integrations.recorder import Recorder
 from gradience.integrations.run_check import model_identity, run_check, task_of, write_check_inputs
 from gradience.integrations.trigger import TriggerPolicy
 from gradience.integrations.trigger_trainer import TrainerTrigger
+from gradience.telemetry.schema import ENVELOPE_FIELDS
 
 require("transformers", "hf")
 from transformers import TrainerCallback
@@ -268,7 +269,7 @@ class GradienceCallback(TrainerCallback):
             return
         # Every number the Trainer or TRL logs (entropy, num_tokens, mean_token_accuracy, ...).
         values = {_RENAMED.get(k, k): _scalar(v) for k, v in logs.items() if not k.startswith("lora/")}
-        values = {k: v for k, v in values.items() if _is_number(v)}
+        values = {k: v for k, v in values.items() if _is_number(v) and k not in ENVELOPE_FIELDS}
         total = values.get("grad_norm")
         values["lora_grad_norm"] = unclipped(self._lora_grad_norm, total if isinstance(total, float) else None,
                                              getattr(args, "max_grad_norm", None))
