@@ -127,11 +127,13 @@ def monitor_section(r: MonitorReport) -> str:
         ("Profile", r.run.get("task_profile") or "(none)"),
         ("Steps", f"{_num(r.last_step)} ({t.n_steps} train_step records)"),
     ])]  # fmt: skip
+    split = (s.test_split or "test").capitalize()  # splits are labelled as the log names them
     parts += ["<h3>Latest eval signals</h3>", _kv([
-        ("Train PPL", _num(s.train_ppl)), (f"Test PPL ({s.test_split or 'test'})", _num(s.test_ppl)),
+        ("Train PPL", _num(s.train_ppl)), (f"{split} PPL", _num(s.test_ppl)),
         ("Gap", f"{_num(s.gap)}x" if s.gap is not None else "n/a"),
-        ("Train Acc", _pct(s.train_accuracy)), ("Test Acc", _pct(s.test_accuracy)),
-        ("Best test loss", f"{_num(s.best_test_loss, 4)} at step {_num(s.best_test_loss_step)}"),
+        ("Train Acc", _pct(s.train_accuracy)), (f"{split} Acc", _pct(s.test_accuracy)),
+        *([(f"{split} exact match", _pct(s.test_exact_match))] if s.test_exact_match is not None else []),
+        (f"Best {split.lower()} loss", f"{_num(s.best_test_loss, 4)} at step {_num(s.best_test_loss_step)}"),
         ("Train loss (latest)", _num(t.latest.get("loss"), 4)),
     ])]  # fmt: skip
     if r.structural is not None:
