@@ -11,9 +11,15 @@ Measured side by side in one run:
    4096 in; r=32) as live torch tensors on the CPU: the snapshot compute (batched QR
    core + metrics) timed directly.
 
-Targets: < 1% of a demo step at structural_interval=10; < 50 ms for the 7B shape.
+3. The demo again with `--busy N` CPU-bound processes competing for the cores (a shared
+   machine): the snapshot's p95, not only its median, as a share of a step. Before the snapshot
+   ran single-threaded on CPU, one snapshot there took 3.8 s with 2 torch threads (issue 10).
 
-Usage: python benchmarks/snapshot_cost.py [--steps 30] [--repeats 5]
+Targets: < 1% of a demo step at structural_interval=10 (median); p95 < 5% of step time at
+structural_interval=10, busy machine included; < 50 ms for the 7B shape. Timings on a shared
+machine are noisy: the load average is printed beside every figure.
+
+Usage: python benchmarks/snapshot_cost.py [--steps 30] [--repeats 5] [--busy 2]
 """
 
 from __future__ import annotations
@@ -21,8 +27,12 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -81,10 +91,42 @@ def mistral_cost(repeats: int, rank: int = 32, layers: int = 32) -> list[float]:
     return times
 
 
+@contextmanager
+def competing(n: int) -> Iterator[None]:
+    """`n` CPU-bound processes (pure-Python spin loops) for the duration."""
+    procs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(n)]
+    try:
+        time.sleep(1.0)  # let them reach the run queue
+        yield
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()
+
+
+def p95(values: list[float]) -> float:
+    ordered = sorted(values)
+    pos = 0.95 * (len(ordered) - 1)
+    lo = int(pos)
+    hi = min(lo + 1, len(ordered) - 1)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
+
+
+def report_demo(label: str, step_s: list[float], cost_ms: list[float]) -> None:
+    step_ms = statistics.median(step_s) * 1000
+    snap_ms, tail_ms = statistics.median(cost_ms), p95(cost_ms)
+    load = os.getloadavg()[0]
+    print(f"[{label}] load average {load:.1f}; demo step median {step_ms:.0f} ms (of {len(step_s)}); "
+          f"snapshot median {snap_ms:.2f} ms, p95 {tail_ms:.2f} ms (of {len(cost_ms)})")
+    print(f"  p95 snapshot = {100 * tail_ms / step_ms:.2f}% of a step; at structural_interval=10: "
+          f"{100 * tail_ms / step_ms / 10:.3f}% of step time   target < 5%")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--busy", type=int, default=2, help="competing CPU-bound processes in part 3 (0: skip)")
     args = parser.parse_args()
     import torch
 
@@ -92,7 +134,12 @@ def main() -> None:
     step_ms = statistics.median(step_s) * 1000
     snap_ms = statistics.median(cost_ms)
     big = mistral_cost(args.repeats)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads, {os.cpu_count()} cores")
+    report_demo("as found", step_s, cost_ms)
+    if args.busy:
+        with competing(args.busy):
+            busy_step_s, busy_cost_ms = demo_costs(args.steps)
+        report_demo(f"+{args.busy} busy processes", busy_step_s, busy_cost_ms)
     print(f"demo step (median of {len(step_s)}): {step_ms:.0f} ms")
     print(f"demo snapshot (median of {len(cost_ms)}, 24 modules): {snap_ms:.2f} ms"
           f" = {100 * snap_ms / step_ms:.2f}% of a step")

@@ -52,7 +52,8 @@ def make_run(
 ) -> tuple[Path, Path]:
     """Write peft/adapter_config.json, training/training_args.json and (optionally) training/config.json."""
     base = BASE[profile]
-    lora_cfg = {"peft_type": "LORA", "task_type": "SEQ_CLS", **base["lora"], **(lora or {})}
+    task_type = "SEQ_CLS" if profile == "classification" else "CAUSAL_LM"  # the head each task trains
+    lora_cfg = {"peft_type": "LORA", "task_type": task_type, **base["lora"], **(lora or {})}
     write_json(tmp_path / "peft" / "adapter_config.json", lora_cfg)
     write_json(tmp_path / "training" / "training_args.json", {**base["training"], **(training or {})})
     if with_model:

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from gradience.preflight.check import HEURISTICS_NOTE, check
+from gradience.preflight.profiles import find_profile
 from tests.cli_helpers import assert_one_error_line as _one_error_line
 
 GRADIENCE = str(Path(sys.executable).parent / "gradience")
@@ -46,6 +47,12 @@ def gradience(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 def check_args(run_dir: Path, task: str = "sst2", *extra: str) -> list[str]:
+    config = run_dir / "peft" / "adapter_config.json"
+    profile = find_profile(task)
+    if config.is_file() and profile is not None and profile.name != "classification":
+        data = json.loads(config.read_text(encoding="utf-8"))
+        if isinstance(data, dict) and data.get("task_type") == "SEQ_CLS":  # a generative task trains a causal LM
+            write_json(config, {**data, "task_type": "CAUSAL_LM"})
     return ["check", "--task", task, "--peft-dir", str(run_dir / "peft"),
             "--training-dir", str(run_dir / "training"), *extra]
 
@@ -170,3 +177,89 @@ def test_help_lists_profiles() -> None:
     assert proc.returncode == 0
     for name in ("classification", "reasoning", "generation", "--model-config", "--json"):
         assert name in proc.stdout
+
+
+# -- issue 10: check before training, from a training config ---------------------------------------
+
+TRL_YAML = """\
+# trl sft --config train.yaml
+model_name_or_path: HuggingFaceTB/SmolLM2-135M-Instruct
+use_peft: true
+lora_r: 16
+lora_alpha: 32
+lora_dropout: 0.05
+lora_target_modules: [q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj]
+lora_task_type: CAUSAL_LM
+learning_rate: 2.0e-4
+per_device_train_batch_size: 8
+gradient_accumulation_steps: 4
+max_steps: 600
+lr_scheduler_type: cosine
+warmup_ratio: 0.03
+hub_token: hf_secretsecretsecretsecretsecret12
+"""
+
+AXOLOTL_YAML = """\
+base_model: HuggingFaceTB/SmolLM2-135M-Instruct
+adapter: lora
+lora_r: 64
+lora_alpha: 16
+lora_dropout: 0.05
+lora_target_linear: true
+micro_batch_size: 2
+gradient_accumulation_steps: 4
+num_epochs: 3
+learning_rate: 0.02
+lr_scheduler: cosine
+"""
+
+
+def test_check_reads_a_trl_yaml_before_training(tmp_path: Path) -> None:
+    config = tmp_path / "train.yaml"
+    config.write_text(TRL_YAML, encoding="utf-8")
+    proc = gradience("check", "--task", "gsm8k", "--config", str(config), "--json")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    report = json.loads(proc.stdout)
+    assert (report["r"], report["lora_alpha"], report["scale"]) == (16, 32, 2.0)
+    assert report["adapter_config"] == str(config) and report["training"]["path"] == str(config)
+    t = report["training"]
+    assert (t["learning_rate"], t["effective_batch_size"], t["total_steps"]) == (2e-4, 32, 600)
+    assert report["errors"] == 0 and "task_model_mismatch" not in [f["rule"] for f in report["findings"]]
+
+
+def test_check_reads_an_axolotl_yaml_and_its_names(tmp_path: Path) -> None:
+    config = tmp_path / "axolotl.yml"
+    config.write_text(AXOLOTL_YAML, encoding="utf-8")
+    proc = gradience("check", "--task", "gsm8k", "--config", str(config))
+    assert proc.returncode == 1  # learning_rate 0.02 is an error
+    out = proc.stdout
+    assert "LoRA: r=64 alpha=16 scale alpha/r=0.25" in out and "Targets: all-linear" in out
+    assert "Training: lr=0.02 effective batch=8 epochs=3" in out
+    assert "[learning_rate_absurd]" in out and "[rslora_suggested]" in out
+
+
+def test_check_json_config_and_usage_errors(tmp_path: Path) -> None:
+    config = write_json(tmp_path / "train.json", {"lora_r": 8, "lora_alpha": 16, "learning_rate": 1e-4,
+                                                  "per_device_train_batch_size": 16, "max_steps": 300})  # fmt: skip
+    proc = gradience("check", "--task", "sst2", "--config", str(config), "--json")
+    assert proc.returncode == 0 and json.loads(proc.stdout)["r"] == 8
+    no_lora = write_json(tmp_path / "plain.json", {"learning_rate": 1e-4})
+    _one_error_line(gradience("check", "--task", "sst2", "--config", str(no_lora)), "no LoRA settings", "--peft-dir")
+    _one_error_line(gradience("check", "--task", "sst2"), "--peft-dir", "--config")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("lora_r: [1, 2\n", encoding="utf-8")
+    _one_error_line(gradience("check", "--task", "sst2", "--config", str(bad)), "invalid YAML")
+
+
+def test_a_classification_head_with_a_chat_task_is_flagged(run_dir: Path) -> None:
+    model = write_json(run_dir / "model" / "config.json", {"model_type": "bert", "num_hidden_layers": 6,
+                                                           "architectures": ["BertForSequenceClassification"]})
+    write_json(run_dir / "peft" / "adapter_config.json", {**ADAPTER, "task_type": None})
+    proc = gradience(*check_args(run_dir, "chat", "--model-config", str(model), "--json"))
+    assert proc.returncode == 1
+    mismatch = [f for f in json.loads(proc.stdout)["findings"] if f["rule"] == "task_model_mismatch"]
+    assert len(mismatch) == 1 and mismatch[0]["severity"] == "error"
+    assert "BertForSequenceClassification" in mismatch[0]["message"] and mismatch[0]["suggested"] == "CAUSAL_LM"
+    write_json(run_dir / "peft" / "adapter_config.json", {**ADAPTER, "task_type": "SEQ_CLS"})
+    proc = gradience("check", "--task", "chat", "--peft-dir", str(run_dir / "peft"), "--json")
+    assert [f["rule"] for f in json.loads(proc.stdout)["findings"]].count("task_model_mismatch") == 1

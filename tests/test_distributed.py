@@ -78,7 +78,9 @@ def test_both_ranks_trained_and_only_rank_0_wrote(ddp_run: Path) -> None:
     assert [r["world_size"] for r in ranks] == [2, 2]
     assert all(r["parallel_mode"].endswith("DISTRIBUTED") for r in ranks)
     # Same folder on both ranks: a second writer would have rotated the log or added a run.
-    assert sorted(p.name for p in (ddp_run / "log").iterdir()) == ["run.jsonl"]
+    # The check inputs come from rank 0 too, with the world size the batch rule needs.
+    assert sorted(p.name for p in (ddp_run / "log").iterdir()) == ["config.json", "run.jsonl", "training_args.json"]
+    assert json.loads((ddp_run / "log" / "training_args.json").read_text())["world_size"] == 2
     records = _records(ddp_run / "log" / "run.jsonl")
     assert len({r["run_id"] for r in records}) == 1
     assert [r["seq"] for r in records] == list(range(len(records)))
@@ -137,6 +139,14 @@ def test_snapshot_of_sharded_model_equals_the_unsharded_numbers(sharded_run: dic
             assert entry["modules"][name][key] == pytest.approx(value, rel=1e-6), (name, key)
     if case == "fsdp2":
         assert entry["param_type"] == "DTensor"
+
+
+def test_lora_grad_norm_sums_the_gradient_shards_over_ranks(sharded_run: dict[str, Any]) -> None:
+    # Issue 10: under FSDP each rank holds a shard of every gradient; a rank-local norm is partial.
+    entry = sharded_run["lora_grad_norm"]
+    _skip_if_unsupported(entry, "FSDP2 fully_shard")
+    assert entry["grad_type"] == "DTensor"
+    assert entry["fsdp2"] == pytest.approx(entry["unsharded"], rel=1e-5)
 
 
 def test_a_rank_0_only_failure_disables_snapshots_on_every_rank_without_a_hang(

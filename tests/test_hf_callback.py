@@ -227,3 +227,120 @@ def test_a_new_run_never_overwrites_an_old_log(tmp_path: Path) -> None:
         _trainer(tmp_path, [GradienceCallback(tmp_path / "log")], max_steps=2).train()
     assert (tmp_path / "log" / "run.prev-1.jsonl").read_bytes() == old
     assert _records(log)[0]["run_id"] != "old"
+
+
+# -- issue 10: snapshots of causal-LM-era runs --------------------------------------------------
+
+
+def _epoch_trainer(tmp: Path, callbacks: list[Any]) -> Any:
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp / "hf"), max_steps=16, per_device_train_batch_size=8, learning_rate=5e-3,
+        eval_strategy="epoch", logging_steps=2, save_strategy="no", report_to="none", use_cpu=True,
+        disable_tqdm=True, seed=0,
+    )
+    return transformers.Trainer(model=_model(), args=args, train_dataset=_Tokens(64, 0),
+                                eval_dataset=_Tokens(16, 2), callbacks=callbacks)  # fmt: skip
+
+
+def test_epoch_and_manual_evals_get_a_same_step_eval_snapshot(tmp_path: Path) -> None:
+    # eval_strategy="epoch" decides the eval after on_step_end, where the interval snapshot of
+    # that step was already taken: the eval still gets its own record, labelled `eval`.
+    trainer = _epoch_trainer(tmp_path, [GradienceCallback(tmp_path, structural_interval=4)])
+    trainer.train()
+    trainer.evaluate()  # outside any schedule, at the step of the `final` snapshot
+    records = [r.data for r in iter_records(tmp_path / "run.jsonl")]
+    evals = [r["step"] for r in records if r["event"] == "eval"]
+    assert evals == [8, 16, 16]
+    structural = [(r["step"], r["reason"]) for r in records if r.get("kind") == "structural"]
+    for step in (8, 16):
+        assert (step, "eval") in structural
+    copies = [r for r in records if r.get("kind") == "structural" and "copied_from" in r]
+    # Step 16: the interval snapshot, copied for the epoch eval; the final snapshot and the manual
+    # evaluate() at that step find it there (one computed snapshot per step).
+    assert {(c["step"], c["copied_from"]) for c in copies} == {(8, "interval"), (16, "interval")}
+    original = next(r for r in records if r.get("kind") == "structural" and (r["step"], r["reason"]) == (8, "interval"))
+    assert copies[0]["metrics"] == original["metrics"] and "cost_ms" not in copies[0]
+
+
+def test_zero_modules_are_listed_and_left_out_of_the_means() -> None:
+    model = _model()  # PEFT starts lora_B at zero: every update is exactly zero
+    snap = snapshot_mod.take_snapshot(model)
+    assert snap is not None and len(snap.zero_modules) == snap.n_modules == 4
+    assert set(snap.metrics) == {"frobenius_norm", "sigma_max"} and snap.metrics["frobenius_norm"] == 0.0
+    live = "bert.encoder.layer.0.attention.self.query"
+    with torch.no_grad():
+        next(p for n, p in model.named_parameters() if live in n and "lora_B" in n).normal_()
+    snap = snapshot_mod.take_snapshot(model)
+    assert snap is not None and live not in snap.zero_modules and len(snap.zero_modules) == 3
+    for key in ("stable_rank", "energy_rank_90", "utilization"):
+        assert snap.metrics[key] == pytest.approx(snap.modules[live][key])  # the mean of the one live module
+    fields = snap.record_fields()
+    assert fields["n_zero_modules"] == 3 and live not in fields["zero_modules"]
+
+
+def test_several_adapters_are_keyed_by_name_and_dora_is_flagged() -> None:
+    cfg = transformers.BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                  intermediate_size=48, max_position_embeddings=16)  # fmt: skip
+    model = peft.get_peft_model(transformers.BertModel(cfg), peft.LoraConfig(r=4, target_modules=["query", "value"]))
+    model.add_adapter("second", peft.LoraConfig(r=2, lora_alpha=2, target_modules=["query"], use_dora=True))
+    model.base_model.set_adapter(["default", "second"])  # both train: PEFT allows several active adapters
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_()
+    snap = snapshot_mod.take_snapshot(model)
+    assert snap is not None and snap.n_modules == 6
+    default = {k for k in snap.modules if k.startswith("default:")}
+    second = {k for k in snap.modules if k.startswith("second:")}
+    assert len(default) == 4 and len(second) == 2 and default | second == set(snap.modules)
+    assert set(snap.dora_modules) == second
+    assert set(snap.adapters) == {"default", "second"}
+    assert snap.adapters["second"]["sigma_max"] == max(snap.modules[k]["sigma_max"] for k in second)
+    fields = snap.record_fields()
+    assert "B·A" in str(fields["dora_note"]) and fields["adapters"] == snap.adapters
+
+
+def test_cpu_snapshot_runs_single_threaded_and_restores_the_thread_count(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Issue 10, finding 7: on a busy CPU the tiny r×r products stalled on descheduled threads.
+    seen: list[int] = []
+    real = snapshot_mod._grams
+
+    def spy(m: Any) -> Any:
+        seen.append(torch.get_num_threads())
+        return real(m)
+
+    monkeypatch.setattr(snapshot_mod, "_grams", spy)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        snap = snapshot_mod.take_snapshot(_model(random_b=True))
+        assert snap is not None and seen == [1] * snap.n_modules
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_an_unknown_check_task_fails_before_training(tmp_path: Path) -> None:
+    from gradience.errors import UsageError
+
+    with pytest.raises(UsageError, match="unknown task 'sst3'"):
+        GradienceCallback(tmp_path, check_task="sst3")
+
+
+def test_model_names_keep_hub_ids_and_local_folder_names(tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    from gradience.integrations.run_check import model_identity
+
+    hub = SimpleNamespace(config=SimpleNamespace(name_or_path="HuggingFaceTB/SmolLM2-135M-Instruct"))
+    assert model_identity(hub) == {"class": "SimpleNamespace", "name": "HuggingFaceTB/SmolLM2-135M-Instruct",
+                                   "hub_id": "HuggingFaceTB/SmolLM2-135M-Instruct"}  # fmt: skip
+    folder = tmp_path / "smollm2-135m-instruct"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"_name_or_path": "HuggingFaceTB/SmolLM2-135M-Instruct"}))
+    local = SimpleNamespace(config=SimpleNamespace(name_or_path=str(folder)))
+    assert model_identity(local)["name"] == "smollm2-135m-instruct"
+    assert model_identity(local)["hub_id"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    (folder / "config.json").write_text(json.dumps({"_name_or_path": "/home/alice/models/smol"}))
+    assert "hub_id" not in model_identity(local)  # a path is not a hub id
+    assert model_identity(local, "my-name")["name"] == "my-name"

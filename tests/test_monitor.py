@@ -17,8 +17,8 @@ from gradience.runlog.monitor import monitor
 from gradience.runlog.monitor_report import (
     GAP_THRESHOLD,
     MAX_KEPT,
+    OVERPROVISION_THRESHOLD,
     STRUCTURAL_KEYS,
-    UTILIZATION_THRESHOLD,
     MonitorReport,
     trend,
 )
@@ -62,6 +62,7 @@ def write_run(
     train_acc: Span = (0.6, 0.85),
     test_acc: Span = (0.55, 0.8),
     utilization: Span = (0.5, 0.5),
+    energy_rank: float = 2.5,
     status: str | None = "ok",
     start: dict[str, Any] | None = RUN_START,
     train: bool = True,
@@ -89,7 +90,7 @@ def write_run(
             if structural:
                 u = lin(utilization, s, steps)
                 agg = {"frobenius_norm": 0.01 * s, "sigma_max": 0.005 * s, "stable_rank": 8 * u,
-                       "energy_rank_90": 2.5, "utilization": u}  # fmt: skip
+                       "energy_rank_90": energy_rank, "utilization": u}  # fmt: skip
                 w.write("metrics", step=s, kind="structural", reason="eval", metrics=agg,
                         modules={m: agg for m in MODULES}, cost_ms=3.0)  # fmt: skip
         if status is not None:
@@ -152,7 +153,7 @@ def test_healthy_run_tells_the_whole_story(log: Path) -> None:
     st = report.structural
     assert st is not None and st.n_snapshots == 5 and st.n_modules == 2
     assert st.latest.step == 100 and st.latest.metrics["utilization"] == pytest.approx(0.5)
-    assert [sn.step for sn in st.window] == [20, 40, 60, 80, 100] and st.mean_cost_ms == 3.0
+    assert [sn.step for sn in st.window] == [20, 40, 60, 80, 100] and st.cost_ms_median == st.cost_ms_p95 == 3.0
     labels = {tr.metric: tr.label for tr in st.trends}
     assert labels == {"frobenius_norm": "rising", "sigma_max": "rising", "stable_rank": "flat",
                       "energy_rank_90": "flat", "utilization": "flat"}  # fmt: skip
@@ -193,13 +194,29 @@ def test_gap_just_under_the_threshold_is_quiet(log: Path) -> None:
     assert "memorizing" not in codes(report)
 
 
-def test_chance_accuracy_assumes_binary_and_says_so(log: Path) -> None:
-    report = monitor(write_run(log, test_acc=(0.5, 0.52)))
+def test_no_chance_level_without_a_label_count(log: Path) -> None:
+    # Issue 10, finding 3: 45% exact match was judged against an assumed binary chance level.
+    report = monitor(write_run(log, test_acc=(0.4, 0.45)))
+    assert report.signals.chance is None and "near_chance" not in codes(report)
+
+
+def test_chance_for_a_binary_classifier(log: Path) -> None:
+    start = {**RUN_START, "task": {"kind": "classification", "peft_task_type": "SEQ_CLS", "num_labels": 2}}
+    report = monitor(write_run(log, start=start, test_acc=(0.5, 0.52)))
     chance = report.signals.chance
-    assert chance is not None and (chance.rate, chance.basis) == (0.5, "assumed_binary")
+    assert chance is not None and (chance.rate, chance.basis) == (0.5, "num_labels")
     rec = rec_of(report, "near_chance")
     assert rec.threshold == pytest.approx(0.55) and rec.value == pytest.approx(0.52)
-    assert "fix the task set-up first" in rec.message and "assumed binary" in rec.message
+    assert "fix the task set-up first" in rec.message and "num_labels=2" in rec.message
+
+
+def test_causal_lm_accuracy_has_no_chance_level(log: Path) -> None:
+    start = {**RUN_START, "task": {"kind": "causal_lm", "peft_task_type": "CAUSAL_LM"},
+             "dataset": {"name": "sums", "num_labels": 2}}  # a stray label count does not make it a classifier
+    report = monitor(write_run(log, start=start, test_acc=(0.4, 0.45), test_extra={"exact_match": 0.45}))
+    sig = report.signals
+    assert sig.chance is None and sig.task_kind == "causal_lm" and "near_chance" not in codes(report)
+    assert sig.test_exact_match == pytest.approx(0.45) and sig.test_loss == pytest.approx(0.45)
 
 
 def test_chance_from_num_labels(log: Path) -> None:
@@ -213,27 +230,36 @@ def test_chance_from_num_labels(log: Path) -> None:
 
 
 def test_chance_from_logged_majority_rate(log: Path) -> None:
-    report = monitor(write_run(log, test_acc=(0.6, 0.72), test_extra={"majority_rate": 0.7}))
+    start = {**RUN_START, "dataset": {**RUN_START["dataset"], "num_labels": 2}}
+    report = monitor(write_run(log, start=start, test_acc=(0.6, 0.72), test_extra={"majority_rate": 0.7}))
     chance = report.signals.chance
     assert chance is not None and (chance.rate, chance.basis) == (0.7, "majority_rate")
     rec = rec_of(report, "near_chance")
     assert rec.value == pytest.approx(0.72) and rec.threshold == pytest.approx(0.75)
 
 
-def test_low_utilization_is_over_provisioned(log: Path) -> None:
-    report = monitor(write_run(log, utilization=(0.1, 0.1)))
+def test_low_energy_rank_is_over_provisioned(log: Path) -> None:
+    report = monitor(write_run(log, energy_rank=1.5))  # r = 8: 1.5 / 8 < 25%
     rec = rec_of(report, "rank_overprovisioned")
-    assert (rec.threshold, rec.value) == (UTILIZATION_THRESHOLD, pytest.approx(0.1))
-    assert "gradience audit" in rec.message and "over-provisioned" in rec.message
+    assert (rec.threshold, rec.value) == (OVERPROVISION_THRESHOLD, pytest.approx(1.5 / 8))
+    assert "--rank 2" in rec.message and "gradience compress" in rec.message
+    assert rec.rule == "mean energy_rank_90 / r < 25%"
+
+
+def test_low_stable_rank_alone_does_not_fire(log: Path) -> None:
+    # Issue 10, finding 8: stable rank 1-3 at r >= 8 is typical of LLM runs; the old
+    # utilization rule fired on nearly every one. Energy spread over 4 of 8 directions: quiet.
+    report = monitor(write_run(log, utilization=(0.15, 0.15), energy_rank=4.0))
+    assert "rank_overprovisioned" not in codes(report)
 
 
 def test_structural_trend_slope_and_relative_change(log: Path) -> None:
     report = monitor(write_run(log, utilization=(0.2, 0.4)))
     assert report.structural is not None
     util = next(t for t in report.structural.trends if t.metric == "utilization")
-    # Points 0.24..0.40 at steps 20..100: slope 0.2 per 100 steps; fitted change 0.16 over a mean of 0.32.
+    # Points 0.24..0.40 at steps 20..100: slope 0.2 per 100 steps; fitted 0.24 -> 0.40 is +66.7%.
     assert util.slope_per_100_steps == pytest.approx(0.2)
-    assert util.relative_change == pytest.approx(0.5) and util.label == "rising"
+    assert util.relative_change == pytest.approx(0.16 / 0.24) and util.label == "rising"
     assert "utilization" not in codes(report)
 
 
@@ -341,7 +367,7 @@ def test_out_of_range_number_in_a_hand_edited_log_stays_json_safe(log: Path) -> 
 def test_appended_lora_audit(log: Path) -> None:
     write_run(log, structural=False)
     metrics = {"lora_params": 294912, "n_modules": 24, "n_layers": 12, "stable_rank_mean": 1.47,
-               "utilization_mean": 0.184, "energy_rank_p50": 2.5, "energy_rank_p90": 6,
+               "utilization_mean": 0.184, "energy_rank_p50": 1.5, "energy_rank_p90": 6,
                "frobenius_norm": 3.2, "sigma_max": 1.1}  # fmt: skip
     suggestion = {"energy_fraction": 0.9, "uniform_median": 4, "uniform_p90": 8}
     append_record_atomic(log, "metrics", kind="lora_audit", peft_dir="runs/toy/peft",
@@ -351,8 +377,8 @@ def test_appended_lora_audit(log: Path) -> None:
     assert (report.audit.peft_dir, report.audit.metrics, report.audit.suggestion) == (
         "runs/toy/peft", metrics, suggestion)  # fmt: skip
     assert report.status == "ok"  # an audit after run_end does not reopen the run
-    rec = rec_of(report, "rank_overprovisioned")
-    assert rec.value == pytest.approx(0.184) and "appended audit" in rec.message
+    rec = rec_of(report, "rank_overprovisioned")  # the audit's median energy rank 1.5 of r = 8
+    assert rec.value == pytest.approx(1.5 / 8) and "appended audit" in rec.message
 
 
 def test_alerts_and_recorded_recommendations(log: Path) -> None:
@@ -422,7 +448,7 @@ def test_trend_labels(values: tuple[float, ...], label: str) -> None:
 
 def test_trend_numbers_and_degenerate_windows() -> None:
     t = trend("x", [(0, 1.0), (100, 2.0), (200, 3.0)])
-    assert t.slope_per_100_steps == pytest.approx(1.0) and t.relative_change == pytest.approx(1.0)
+    assert t.slope_per_100_steps == pytest.approx(1.0) and t.relative_change == pytest.approx(2.0)
     assert trend("x", [(5, 1.0)]).label == "n/a"
     assert trend("x", [(5, 1.0), (5, 2.0)]).label == "n/a"
     assert trend("x", [(0, None), (10, 1.0)]).n_points == 1
@@ -463,3 +489,44 @@ def test_streams_a_large_log_in_bounded_memory(tmp_path: Path) -> None:
     assert report.alerts.total == expected["alert"]
     assert peak < 1_000_000, f"peak {peak / 1e6:.1f} MB"
     assert set(STRUCTURAL_KEYS) == set(report.structural.latest.metrics)
+
+
+def test_trend_is_the_change_between_the_fitted_ends_and_bounded() -> None:
+    # Issue 10, finding 6: a loss that fell 67% read "-121.9%" (fitted change / window mean).
+    losses = [3.0, 2.6, 2.2, 1.8, 1.4, 1.0]
+    t = trend("loss", list(zip(range(10, 70, 10), losses, strict=True)))
+    assert t.relative_change == pytest.approx(-2 / 3) and t.label == "falling"
+    noisy = trend("loss", [(0, 3.0), (10, 0.2), (20, 0.1), (30, 0.05)])  # the line dips below 0
+    assert noisy.relative_change is not None and -1.0 < noisy.relative_change < 0
+
+
+def test_snapshot_cost_median_and_p95(log: Path) -> None:
+    costs = iter([3.0] * 19 + [1000.0])
+
+    def hook(w: RunWriter, s: int) -> None:
+        agg = {"frobenius_norm": 1.0, "sigma_max": 1.0, "stable_rank": 2.0, "energy_rank_90": 3.0, "utilization": 0.25}
+        w.write("metrics", step=s, kind="structural", reason="interval", metrics=agg, cost_ms=next(costs))
+
+    report = monitor(write_run(log, steps=20, structural=False, hook=hook))
+    st = report.structural
+    assert st is not None and st.cost_ms_median == 3.0
+    assert st.cost_ms_p95 == pytest.approx(3.0 + 0.05 * 997.0)  # numpy's linear p95 of 19 x 3 and one 1000
+
+
+def test_max_steps_replaces_epochs_and_zero_modules_are_listed(log: Path) -> None:
+    start = {**RUN_START, "training_args": {"max_steps": 100, "num_train_epochs": 3.0, "learning_rate": 1e-4}}
+
+    def hook(w: RunWriter, s: int) -> None:
+        if s == 5:
+            agg = {"frobenius_norm": 1.0, "sigma_max": 1.0, "stable_rank": 2.0, "energy_rank_90": 3.0,
+                   "utilization": 0.25}
+            w.write("metrics", step=s, kind="structural", reason="interval", metrics=agg, cost_ms=1.0,
+                    n_zero_modules=1, zero_modules=[MODULES[1]])
+
+    report = monitor(write_run(log, steps=5, start=start, structural=False, hook=hook))
+    assert report.run["training_args"] == {"learning_rate": 1e-4, "max_steps": 100}
+    assert report.structural is not None and report.structural.zero_modules == (MODULES[1],)
+    assert report.structural.n_zero_modules == 1
+    epochs = {**RUN_START, "training_args": {"max_steps": -1, "num_train_epochs": 3.0}}
+    report = monitor(write_run(log.with_name("b.jsonl"), steps=5, start=epochs, structural=False))
+    assert report.run["training_args"] == {"num_train_epochs": 3.0}

@@ -217,12 +217,50 @@ def test_secret_keys_always_redacted(key: str) -> None:
     assert out["config"]["nested"][0][key] == "<redacted>"
 
 
+# TRL 1.16's SFTTrainer train/eval metric names (issue 10, finding 1: `mean_token_accuracy`
+# was written as "<redacted>"), and tokenizer settings that name a special token.
+TRL_METRICS = ["mean_token_accuracy", "eval_mean_token_accuracy", "num_tokens", "eval_num_tokens", "entropy",
+               "eval_entropy", "token_f1", "token_accuracy", "rewards/accuracies", "completions/mean_length"]
+
+
 @pytest.mark.parametrize(
-    "key", ["num_tokens", "tokens_per_second", "max_new_tokens", "tokenizer", "secretary_bird"]
-)
+    "key", ["num_tokens", "tokens_per_second", "max_new_tokens", "tokenizer", "secretary_bird", "pad_token",
+            "eos_token", "pad_token_id", *TRL_METRICS],
+)  # fmt: skip
 def test_metric_names_are_not_mistaken_for_secrets(key: str) -> None:
     assert not is_secret_key(key)
     assert sanitize({key: 5})[key] == 5
+    assert sanitize({"metrics": {key: 0.5}})["metrics"][key] == 0.5
+
+
+HF = "hf_" + "aB3" * 12
+SECRET_VALUES = [HF, "sk-proj-" + "x1" * 16, "ghp_" + "Z9" * 18, "github_pat_" + "a_" * 15, "AKIA" + "A1B2" * 4]
+
+
+@pytest.mark.parametrize("secret", SECRET_VALUES)
+def test_secret_looking_values_are_redacted_anywhere(secret: str) -> None:
+    out = sanitize({"note": f"pushed with {secret}, then stopped", "args": ["--token", secret],
+                    "cmd": f"python train.py --hub-token={secret} --lr 1e-4"})  # fmt: skip
+    assert secret not in json.dumps(out)
+    assert out["note"] == "pushed with <redacted>, then stopped" and out["args"] == ["--token", "<redacted>"]
+    assert out["cmd"] == "python train.py --hub-token=<redacted> --lr 1e-4"
+
+
+def test_bearer_tokens_and_secret_keys_are_redacted() -> None:
+    out = sanitize({"headers": "Authorization: Bearer abc.DEF-123_xyz", HF: 1.0})
+    assert out == {"headers": "Authorization: Bearer <redacted>", "<redacted>": 1.0}
+
+
+def test_keys_are_sanitised_like_values() -> None:
+    out = sanitize({"/home/alice/data/train.jsonl": 3, "loss on /home/alice/data/dev.jsonl": 0.5})
+    assert out == {"train.jsonl": 3, "loss on dev.jsonl": 0.5}
+
+
+def test_a_path_inside_a_command_line_is_redacted_in_place() -> None:
+    cmd = "/usr/bin/python /home/alice/src/train.py --output_dir /home/alice/runs/a --data=/srv/d/x.json -v"
+    assert sanitize({"cmd": cmd})["cmd"] == "python train.py --output_dir a --data=x.json -v"
+    assert sanitize({"p": "/home/alice/My Runs/a"})["p"] == "a"  # one path with a space: still one path
+    assert sanitize({"u": "see https://huggingface.co/acme/model"})["u"] == "see https://huggingface.co/acme/model"
 
 
 def test_paths_and_host_are_dropped_by_default() -> None:

@@ -162,6 +162,25 @@ def _fsdp2(rank: int) -> dict[str, Any]:
     return out if snap is None else {**out, "metrics": snap.metrics, "modules": snap.modules}
 
 
+def _lora_grad_norms(rank: int) -> dict[str, Any]:
+    """`lora_grad_norm` of an FSDP2 model (gradient shards summed over ranks) and of its unsharded twin."""
+    from torch.distributed.fsdp import fully_shard
+
+    from gradience.integrations.lora_grad import lora_grad_norm
+
+    twin = tiny_model(random_b=True)
+    twin.eval()
+    twin(**_batch()).loss.backward()
+    model = tiny_model(random_b=True)
+    for layer in model.base_model.model.bert.encoder.layer:
+        fully_shard(layer)
+    fully_shard(model)
+    model.eval()
+    model(**_batch()).loss.backward()  # the same batch on every rank: the averaged gradients are the twin's
+    grad = model.base_model.model.bert.encoder.layer[0].attention.self.query.lora_A["default"].weight.grad
+    return {"unsharded": lora_grad_norm(twin), "fsdp2": lora_grad_norm(model), "grad_type": type(grad).__name__}
+
+
 def _rank0_failure_does_not_hang(rank: int, out: Path) -> dict[str, Any]:
     """Rank 0's snapshot computation always fails; snapshots get disabled on both ranks
     together, so the gathers (collectives) still pair up and training finishes."""
@@ -203,6 +222,7 @@ def sharded(out: Path) -> None:
     for name, check in (("fsdp1_root", lambda: _fsdp1(rank, nested=False)),
                         ("fsdp1_nested_unwrapped", lambda: _fsdp1(rank, nested=True)),
                         ("fsdp2", lambda: _fsdp2(rank)),
+                        ("lora_grad_norm", lambda: _lora_grad_norms(rank)),
                         ("rank0_failure", lambda: _rank0_failure_does_not_hang(rank, out))):  # fmt: skip
         try:
             result[name] = check()

@@ -7,6 +7,7 @@ from typing import Any
 
 from gradience.cli._inputs import adapter_arg, add_adapter_argument, resolve_adapter
 from gradience.cli._output import emit_json, header
+from gradience.errors import UsageError
 from gradience.preflight.check import SEVERITIES, CheckReport, Finding, check, format_number
 from gradience.preflight.profiles import PROFILES
 
@@ -17,13 +18,17 @@ def register(sub: Any) -> None:
     profiles = ", ".join(PROFILES)
     p = sub.add_parser(
         "check", help="validate a LoRA config and training arguments before training",
-        description="Check adapter_config.json and training_args.json against a task profile "
-                    f"({profiles}). Exit 0: no errors (warnings are advice); 1: errors; 2: bad usage.",
+        description="Check adapter_config.json and training_args.json (or a TRL / axolotl training config) "
+                    f"against a task profile ({profiles}). Exit 0: no errors (warnings are advice); 1: errors; "
+                    "2: bad usage.",
     )
     p.add_argument("--task", required=True,
                    help=f"task profile or alias: {profiles}, or e.g. sst2, imdb, gsm8k, chat, code")
-    add_adapter_argument(p, "adapter folder with adapter_config.json (or the file itself)")
-    p.add_argument("--training-dir", required=True, help="folder with training_args.json (or the file)")
+    add_adapter_argument(p, "adapter folder with adapter_config.json (or the file itself); optional with --config")
+    p.add_argument("--training-dir",
+                   help="folder with training_args.json (or the file); the Gradience callback's out_dir has one")
+    p.add_argument("--config", metavar="TRAIN_YAML",
+                   help="a TRL / axolotl training config (YAML or JSON): check before any training")
     p.add_argument("--model-config", metavar="CONFIG_JSON",
                    help="the model's config.json (default: one in --training-dir or --peft-dir)")
     p.add_argument("--json", action="store_true", help="print the CheckReport as JSON")
@@ -31,8 +36,15 @@ def register(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    source = resolve_adapter(adapter_arg(args))
-    report = check(args.task, source.peft_dir or str(source.weights), training_dir=args.training_dir, model_config=args.model_config)
+    given = args.adapter or args.adapter_alias
+    if given is None and args.config is None:
+        raise UsageError("pass an adapter folder (e.g. runs/toy/peft) or --config (a training config)")
+    peft_dir = None
+    if given is not None:
+        source = resolve_adapter(adapter_arg(args))
+        peft_dir = source.peft_dir or str(source.weights)
+    report = check(args.task, peft_dir, training_dir=args.training_dir, model_config=args.model_config,
+                   config=args.config)
     if args.json:
         emit_json(report)
     else:

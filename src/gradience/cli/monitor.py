@@ -12,7 +12,9 @@ from gradience.runlog.monitor_report import (
     CHANCE_MARGIN,
     FLAT_THRESHOLD,
     GAP_THRESHOLD,
-    UTILIZATION_THRESHOLD,
+    GENERATIVE_KINDS,
+    OVERPROVISION_THRESHOLD,
+    TRAIN_KEYS,
     MonitorReport,
     Trend,
 )
@@ -77,7 +79,9 @@ def render(r: MonitorReport, verbose: bool = False) -> list[str]:
 def _identity(r: MonitorReport) -> list[str]:
     run = r.run
     model, data = _block(run, "model"), _block(run, "dataset")
-    m = model.get("name", "(not logged)")
+    m = str(model.get("name", "(not logged)"))
+    if isinstance(model.get("hub_id"), str) and model["hub_id"] != m:
+        m += f" ({model['hub_id']})"
     if isinstance(model.get("n_params"), (int, float)):
         m += f" ({human_count(model['n_params'])} params"
         trainable = model.get("trainable_params")
@@ -99,8 +103,18 @@ def _identity(r: MonitorReport) -> list[str]:
         f"Model: {m}",
         f"Dataset: {d}",
         f"Profile: {run.get('task_profile') or '(none)'}",
+        *_task_line(run),
         steps,
     ]
+
+
+def _task_line(run: dict[str, Any]) -> list[str]:
+    task = _block(run, "task")
+    if not task:
+        return []
+    parts = [str(task.get("kind") or "unknown kind")]
+    parts += [f"{k} {task[k]}" for k in ("peft_task_type", "model_class", "num_labels") if task.get(k) is not None]
+    return [f"Task: {', '.join(parts)}"]
 
 
 def _config(r: MonitorReport) -> list[str]:
@@ -125,26 +139,40 @@ def _block(run: dict[str, Any], key: str) -> dict[str, Any]:
 def _signals(r: MonitorReport) -> list[str]:
     s, out = r.signals, []
     train_note = {"eval:train": "", "train_step": " (from train_step loss; no train-split eval)"}
+    split = s.test_split or "test"  # splits are labelled as the log names them
+    generative = s.task_kind in GENERATIVE_KINDS
+    ppl = "PPL (per token)" if generative else "PPL"
     if s.train_ppl is not None:
-        out.append(f"  Train PPL: {num(s.train_ppl)}{train_note.get(s.train_ppl_source or '', '')}")
+        out.append(f"  Train {ppl}: {num(s.train_ppl)}{train_note.get(s.train_ppl_source or '', '')}")
     else:
-        out.append("  Train PPL: n/a")
-    split = f" ({s.test_split} split)" if s.test_split not in (None, "test") else ""
-    out.append(f"  Test PPL: {num(s.test_ppl)}{split}")
+        out.append(f"  Train {ppl}: n/a")
+    if generative and s.test_loss is not None:
+        out.append(f"  {split.capitalize()} loss: {num(s.test_loss, 4)}")
+    out.append(f"  {split.capitalize()} {ppl}: {num(s.test_ppl)}")
     out.append(f"  Gap: {num(s.gap)}x" if s.gap is not None else "  Gap: n/a")
-    out.append(f"  Train Acc: {pct(s.train_accuracy)}")
-    test_acc = f"  Test Acc: {pct(s.test_accuracy)}"
-    if s.chance is not None:
-        test_acc += f" (chance {pct(s.chance.rate)}: {s.chance.detail})"
-    out.append(test_acc)
+    if s.test_exact_match is not None:
+        out.append(f"  {split.capitalize()} exact match: {pct(s.test_exact_match)}")
+    if s.test_token_accuracy is not None:
+        out.append(f"  {split.capitalize()} token accuracy: {pct(s.test_token_accuracy)}")
+    has_acc = s.train_accuracy is not None or s.test_accuracy is not None
+    generated = generative or s.test_exact_match is not None or s.test_token_accuracy is not None
+    if has_acc or not generated:  # a causal LM without an accuracy gets no "Acc: n/a" lines
+        out.append(f"  Train Acc: {pct(s.train_accuracy)}")
+        test_acc = f"  {split.capitalize()} Acc: {pct(s.test_accuracy)}"
+        if s.chance is not None:
+            test_acc += f" (chance {pct(s.chance.rate)}: {s.chance.detail})"
+        out.append(test_acc)
     if s.best_test_loss is not None:
-        out.append(f"  Best test loss: {num(s.best_test_loss, 4)} at step {s.best_test_loss_step}")
+        out.append(f"  Best {split} loss: {num(s.best_test_loss, 4)} at step {s.best_test_loss_step}")
     t = r.train
     if t.latest.get("loss") is not None:
         line = f"  Train loss: {num(t.latest['loss'], 4)}"
         if t.loss_trend is not None and t.loss_trend.label != "n/a":
             line += f" ({_trend_words(t.loss_trend)} over the last {t.loss_trend.n_points} logs)"
         out.append(line)
+    extra = {k: v for k, v in t.latest.items() if k not in TRAIN_KEYS and v is not None}
+    if extra:  # what else the trainer logged (TRL: entropy, num_tokens, mean_token_accuracy)
+        out.append("  Train (latest): " + ", ".join(f"{k}={_g(v)}" for k, v in extra.items()))
     return out
 
 
@@ -163,9 +191,16 @@ def _diagnostics(r: MonitorReport) -> list[str]:
                 f"  Stable rank (mean): {num(m.get('stable_rank_mean'))}",
                 f"  Utilization (mean): {pct(m.get('utilization_mean'))}"]  # fmt: skip
     m = st.latest.metrics
-    cost = f", {num(st.mean_cost_ms, 1)} ms each" if st.mean_cost_ms is not None else ""
+    cost = ""
+    if st.cost_ms_median is not None:
+        cost = f"; cost median {num(st.cost_ms_median, 1)} ms, p95 {num(st.cost_ms_p95, 1)} ms"
     trends = ", ".join(f"{t.metric} {t.label}" for t in st.trends)
-    return [
+    zero = []
+    if st.n_zero_modules:
+        names = ", ".join(st.zero_modules[:5]) + (" ..." if st.n_zero_modules > 5 else "")
+        zero = [f"  Zero modules: {st.n_zero_modules} of {st.n_modules} (update exactly 0; left out of the "
+                f"means): {names}"]
+    return [*zero,
         f"  Stable rank (mean): {num(m['stable_rank'])}",
         f"  Utilization (mean): {pct(m['utilization'])}",
         f"  Energy rank k@90% (mean): {num(m['energy_rank_90'], 1)}",
@@ -227,8 +262,8 @@ def _recommendations(r: MonitorReport) -> list[str]:
     out = ["", "Recommendations (hypotheses to verify on held-out data, not predictions):"]
     if not r.recommendations:
         out.append(
-            f"  none fired (rules: gap > {GAP_THRESHOLD}x; test accuracy <= chance + "
-            f"{CHANCE_MARGIN:.0%} points; utilization < {UTILIZATION_THRESHOLD:.0%}; "
+            f"  none fired (rules: gap > {GAP_THRESHOLD}x; a classifier's test accuracy <= chance + "
+            f"{CHANCE_MARGIN:.0%} points; mean energy_rank_90 / r < {OVERPROVISION_THRESHOLD:.0%}; "
             "any non-finite value)"
         )
     for rec in r.recommendations:

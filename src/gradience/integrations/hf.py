@@ -8,6 +8,10 @@ the Trainer's logs as `lora/<metric>` so TensorBoard or W&B plot them beside the
 With `eval_policy="trigger"` it also decides when to evaluate, from those snapshots
 (`trigger.py`), and `run_end` reports the eval time saved against a fixed schedule.
 
+At train begin it also writes the redacted training arguments (`training_args.json`) and the
+base model's `config.json` beside the log, so `gradience check --training-dir <out_dir>` works
+for every run, and with `check_task` it runs that check there and then (`run_check.py`).
+
 Only world rank 0 writes; snapshots gather sharded weights collectively on every rank. A
 failure inside the callback becomes an `alert` record and a warning, never an exception
 in the training loop.
@@ -20,7 +24,6 @@ Example:
 from __future__ import annotations
 
 import functools
-import math
 import re
 import sys
 import warnings
@@ -32,14 +35,19 @@ from gradience.errors import UsageError, require
 from gradience.integrations.eval_rng import EvalRngGuard
 from gradience.integrations.guard import GuardConfig
 from gradience.integrations.guard_trainer import TrainerGuard
+from gradience.integrations.lora_grad import lora_grad_norm, unclipped
 from gradience.integrations.recorder import Recorder
+from gradience.integrations.run_check import model_identity, run_check, task_of, write_check_inputs
 from gradience.integrations.trigger import TriggerPolicy
 from gradience.integrations.trigger_trainer import TrainerTrigger
+from gradience.telemetry.schema import ENVELOPE_FIELDS
 
 require("transformers", "hf")
 from transformers import TrainerCallback
 
 _TIMING = ("runtime", "samples_per_second", "steps_per_second")
+# Trainer log keys with a name of their own in `train_step`; every other number is kept as logged.
+_RENAMED = {"learning_rate": "lr"}
 _SPLIT_RE = re.compile(r"^(?:eval_(?P<named>.+)|(?P<plain>eval|test|train|validation))$")
 
 
@@ -109,6 +117,9 @@ class GradienceCallback(TrainerCallback):
             is "steps" (the schedule the trigger replaces).
         isolate_eval_rng: restore the torch RNG after every eval (on by default), so when the
             evals run does not change the training (dropout masks, batch order); see `eval_rng.py`.
+        check_task: run `gradience check` for this task (`gsm8k`, `chat`, `sst2`, ...) at train
+            begin: the findings are printed (logger `gradience`) and logged as `alert` records
+            with code `check_<rule>`. An unknown task fails here, before training.
     """
 
     def __init__(
@@ -126,6 +137,7 @@ class GradienceCallback(TrainerCallback):
         eval_policy: str = "fixed",
         trigger: TriggerPolicy | None = None,
         isolate_eval_rng: bool = True,
+        check_task: str | None = None,
     ) -> None:
         if eval_policy not in ("fixed", "trigger"):
             raise UsageError(f"`eval_policy` must be 'fixed' or 'trigger', got {eval_policy!r}")
@@ -133,6 +145,11 @@ class GradienceCallback(TrainerCallback):
             raise UsageError("`trigger` takes a TriggerPolicy, and only with eval_policy='trigger'")
         if eval_policy == "trigger" and not structural_interval:
             raise UsageError("eval_policy='trigger' reads the structural snapshots: set `structural_interval` > 0")
+        if check_task is not None:
+            from gradience.preflight.profiles import resolve_profile
+
+            resolve_profile(check_task)  # an unknown task is a UsageError now, not mid-run
+        self.check_task = check_task
         self._recorder = Recorder(out_dir, None, structural_interval=structural_interval, allow_raw_text=allow_raw_text,
                                   record_paths=record_paths)
         self._guard = _trainer_guard(guard)
@@ -169,14 +186,19 @@ class GradienceCallback(TrainerCallback):
             return
         base = getattr(model, "base_model", model)
         inner = getattr(base, "model", base)
-        name = self.model_name or getattr(getattr(inner, "config", None), "name_or_path", None)
+        identity = model_identity(inner, self.model_name)
+        training_args = _training_args(args)
         rec.start(
-            step, model={"name": name or type(inner).__name__}, dataset=_with_num_labels(self.dataset, inner),
+            step, model=identity, dataset=_with_num_labels(self.dataset, inner), task=task_of(model, inner),
             task_profile=self.task_profile, eval_policy=self.eval_policy,
             eval_trigger=self._trigger.policy.to_dict() if self._trigger is not None else None,
-            training_args=_training_args(args),
+            training_args=training_args,
         )
         self._move_before_reporters()
+        if rec.is_writer:
+            write_check_inputs(rec.out_dir, training_args, getattr(inner, "config", None), rec.record_paths)
+            if self.check_task is not None:
+                run_check(self.check_task, model, rec)
 
     def _move_before_reporters(self) -> None:
         """Run before TensorBoard/W&B callbacks so the `lora/*` scalars reach them.
@@ -219,11 +241,12 @@ class GradienceCallback(TrainerCallback):
 
     @_guarded
     def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
-        # Gradients are complete (and clipped) here; measure only when this step will be logged.
+        # Gradients are complete and already clipped here; measure only when this step will
+        # be logged, and undo the clip in `on_log`, where the pre-clip total norm is known.
         step = state.global_step + 1
         every = int(getattr(args, "logging_steps", 0) or 0)
         if model is not None and every > 0 and (step % every == 0 or step == 1):
-            self._lora_grad_norm = _lora_grad_norm(model)
+            self._lora_grad_norm = lora_grad_norm(model)
 
     @_guarded
     def on_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
@@ -254,12 +277,13 @@ class GradienceCallback(TrainerCallback):
     def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any) -> None:
         if logs is None or "loss" not in logs:
             return
-        values = {
-            "loss": logs.get("loss"), "lr": logs.get("learning_rate"),
-            "grad_norm": logs.get("grad_norm"), "epoch": logs.get("epoch"),
-            "lora_grad_norm": self._lora_grad_norm,
-        }
-        self._recorder.train_step(state.global_step, **{k: _scalar(v) for k, v in values.items()})
+        # Every number the Trainer or TRL logs (entropy, num_tokens, mean_token_accuracy, ...).
+        values = {_RENAMED.get(k, k): _scalar(v) for k, v in logs.items() if not k.startswith("lora/")}
+        values = {k: v for k, v in values.items() if _is_number(v) and k not in ENVELOPE_FIELDS}
+        total = values.get("grad_norm")
+        values["lora_grad_norm"] = unclipped(self._lora_grad_norm, total if isinstance(total, float) else None,
+                                             getattr(args, "max_grad_norm", None))
+        self._recorder.train_step(state.global_step, **values)
         if self.mirror_to_logs and self._recorder.last_structural:
             logs.update({f"lora/{k}": v for k, v in self._recorder.last_structural.items()})
 
@@ -313,19 +337,11 @@ def _with_num_labels(dataset: Mapping[str, Any] | None, model: Any) -> dict[str,
 
 def _scalar(v: Any) -> Any:
     item = getattr(v, "item", None)
-    return item() if callable(item) else v
+    return item() if callable(item) and getattr(v, "numel", lambda: 1)() == 1 else v
 
 
-def _lora_grad_norm(model: Any) -> float | None:
-    import torch
-
-    grads = [p.grad for n, p in model.named_parameters() if "lora_" in n and p.grad is not None]
-    if not grads:
-        return None
-    norms = torch._foreach_norm(grads) if hasattr(torch, "_foreach_norm") else [g.norm() for g in grads]
-    total = torch.linalg.vector_norm(torch.stack([n.float() for n in norms]))
-    value = float(total)
-    return value if math.isfinite(value) else float("nan")
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
 def _training_args(args: Any) -> dict[str, Any]:
@@ -333,6 +349,9 @@ def _training_args(args: Any) -> dict[str, Any]:
     if args is None:
         return {}
     raw = args.to_dict() if hasattr(args, "to_dict") else dict(vars(args))
+    world = getattr(args, "world_size", None)  # not in to_dict(); `check` needs it for the batch size
+    if isinstance(world, int) and "world_size" not in raw:
+        raw["world_size"] = world
     out: dict[str, Any] = {}
     for k, v in raw.items():
         if isinstance(v, (str, int, float, bool)) or v is None:

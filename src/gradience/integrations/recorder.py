@@ -118,6 +118,8 @@ class Recorder:
         self.on_snapshot = on_snapshot
         self.last_snapshot_step: int | None = None
         self.last_structural: dict[str, float] = {}
+        self._last_fields: dict[str, Any] = {}
+        self._last_reason: str | None = None
         self._writer: RunWriter | None = None
         self._errors = 0
         self._ended = False
@@ -191,7 +193,16 @@ class Recorder:
 
         Collective under sharded training: every rank must call it at the same step.
         """
-        if self.model is None or self.last_snapshot_step == step:
+        if self.model is None:
+            return None
+        if self.last_snapshot_step == step:
+            # An eval the schedule did not announce (eval_strategy="epoch", a manual
+            # `evaluate()`) at a step already snapshotted: the weights are the same, so the
+            # eval gets its same-step record by copying that snapshot, labelled `eval`.
+            if reason == "eval" and self._last_reason not in (None, "eval") and self._last_fields:
+                copy = {k: v for k, v in self._last_fields.items() if k != "cost_ms"}
+                source, self._last_reason = self._last_reason, "eval"
+                self.write("metrics", step, kind="structural", reason="eval", copied_from=source, **copy)
             return None
         from gradience.integrations.distributed import any_rank
         from gradience.integrations.snapshot import take_snapshot
@@ -210,10 +221,9 @@ class Recorder:
         if snap is None or not snap.modules:
             return None
         self.last_structural = snap.metrics
-        self.write(
-            "metrics", step, kind="structural", reason=reason, metrics=snap.metrics,
-            modules=snap.modules, cost_ms=round(snap.cost_ms, 3), n_modules=snap.n_modules,
-        )
+        fields = snap.record_fields()
+        self._last_fields, self._last_reason = fields, reason
+        self.write("metrics", step, kind="structural", reason=reason, **fields)
         if self.on_snapshot is not None:
             self.on_snapshot(step, reason, snap.metrics)
         return snap.metrics

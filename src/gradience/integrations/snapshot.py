@@ -8,6 +8,12 @@ adapter agree to ~6 significant digits (the audit's Householder-QR route also re
 singular values far below σ_max, which no structural metric depends on, at several times
 the cost).
 
+Several adapters on one model are keyed `<adapter>:<module path>` (one adapter: the path
+alone). DoRA layers are listed: their metrics cover the low-rank B·A part, not the learned
+magnitude. Devices without float64 (Apple MPS) take the Grams in float32, and the record says
+so. On a CPU the snapshot's many tiny r×r products run on one thread: with several threads a
+busy machine can stall each product on a descheduled worker (seconds instead of milliseconds).
+
 Sharded training: the factors must be whole to have a spectrum. `gathered()` makes them
 whole collectively (FSDP `summon_full_params`, DeepSpeed ZeRO-3 `GatheredParameters`,
 DTensor `full_tensor`), so every rank must call `take_snapshot` together; only the caller
@@ -16,10 +22,13 @@ on rank 0 needs to use the result.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import math
 import time
 from collections import defaultdict
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -29,6 +38,8 @@ from gradience.lora.reader import SAVED_PREFIX
 from gradience.spectrum import gram_matrices, singular_values_from_grams, spectrum_metrics
 
 STRUCTURAL_KEYS = ("frobenius_norm", "sigma_max", "stable_rank", "energy_rank_90", "utilization")
+_MEAN_KEYS = ("stable_rank", "energy_rank_90", "utilization")
+NO_FLOAT64_DEVICES = frozenset({"mps"})
 
 
 @dataclass(frozen=True)
@@ -40,16 +51,42 @@ class LiveModule:
     lora_B: Any
     r: int
     scale: float
+    adapter: str = "default"
+    dora: bool = False  # a learned magnitude rescales the update; the metrics cover B·A
 
 
 @dataclass(frozen=True)
 class Snapshot:
-    """Aggregate and per-module structural metrics, and what the snapshot cost."""
+    """Aggregate and per-module structural metrics, and what the snapshot cost.
+
+    `zero_modules` (update exactly zero) are in `modules` but left out of the aggregates;
+    `adapters` holds per-adapter aggregates when the model carries several; `precision` is
+    "float32" where the device has no float64.
+    """
 
     metrics: dict[str, float]
     modules: dict[str, dict[str, float]]
     cost_ms: float
     n_modules: int
+    zero_modules: tuple[str, ...] = ()
+    dora_modules: tuple[str, ...] = ()
+    adapters: dict[str, dict[str, float]] = field(default_factory=dict)
+    precision: str = "float64"
+
+    def record_fields(self) -> dict[str, object]:
+        """The fields of a structural `metrics` record (docs/telemetry.md)."""
+        out: dict[str, object] = {"metrics": self.metrics, "modules": self.modules, "cost_ms": round(self.cost_ms, 3),
+                                  "n_modules": self.n_modules}
+        if self.zero_modules:
+            out.update(n_zero_modules=len(self.zero_modules), zero_modules=list(self.zero_modules))
+        if self.dora_modules:
+            out.update(dora_modules=list(self.dora_modules),
+                       dora_note="DoRA: metrics cover the low-rank B·A part, not the learned magnitude")
+        if self.adapters:
+            out["adapters"] = self.adapters
+        if self.precision != "float64":
+            out["precision"] = self.precision
+        return out
 
 
 # Path components that wrappers insert (FSDP1, activation checkpointing, torch.compile, DDP).
@@ -95,8 +132,35 @@ def lora_modules(model: Any, adapter_name: str | None = None) -> list[LiveModule
                 b = _full(emb_a[adapter]).detach().T
             else:
                 continue
-            out.append(LiveModule(_canonical(name), a, b, int(module.r[adapter]), float(scaling[adapter])))
+            magnitude = getattr(module, "lora_magnitude_vector", None)
+            dora = magnitude is not None and adapter in magnitude
+            out.append(LiveModule(_canonical(name), a, b, int(module.r[adapter]), float(scaling[adapter]),
+                                  adapter, dora))
+    if len({m.adapter for m in out}) > 1:  # several adapters: one key per (adapter, module)
+        out = [dataclasses.replace(m, name=f"{m.adapter}:{m.name}") for m in out]
     return out
+
+
+@contextlib.contextmanager
+def _single_threaded(on_cpu: bool) -> Iterator[None]:
+    """One torch thread for the tiny products on a CPU, the caller's count restored after."""
+    import torch
+
+    before = torch.get_num_threads()
+    if on_cpu and before > 1:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != before:
+            torch.set_num_threads(before)
+
+
+def _grams(m: LiveModule) -> tuple[Any, Any]:
+    if m.lora_A.device.type in NO_FLOAT64_DEVICES:  # no float64 there: the products in float32
+        a, b = m.lora_A.float(), m.lora_B.float()
+        return a @ a.T, b.T @ b
+    return gram_matrices(m.lora_A, m.lora_B)
 
 
 def structural_metrics(modules: list[LiveModule]) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
@@ -109,14 +173,15 @@ def structural_metrics(modules: list[LiveModule]) -> tuple[dict[str, float], dic
     """
     import torch
 
-    with torch.no_grad():
-        grams = [gram_matrices(m.lora_A, m.lora_B) for m in modules]
+    on_cpu = any(m.lora_A.device.type == "cpu" for m in modules)
+    with torch.no_grad(), _single_threaded(on_cpu):
+        grams = [_grams(m) for m in modules]
         by_device: dict[Any, list[int]] = defaultdict(list)
-        for i, (g_a, _) in enumerate(grams):
-            by_device[g_a.device].append(i)
+        for i, (g_a, _) in enumerate(grams):  # ranks differ across adapters and rank_pattern
+            by_device[g_a.device, g_a.shape[-1]].append(i)
         host: list[tuple[np.ndarray, np.ndarray]] = [None] * len(modules)  # type: ignore[list-item]
-        for idx in by_device.values():  # one device->host copy per device
-            stacked = torch.stack([torch.cat([grams[i][0], grams[i][1]]).double() for i in idx]).cpu().numpy()
+        for idx in by_device.values():  # one device->host copy per device and rank (float64 on the host)
+            stacked = torch.stack([torch.cat([grams[i][0], grams[i][1]]) for i in idx]).cpu().double().numpy()
             for i, both in zip(idx, stacked, strict=True):
                 r = both.shape[-1]
                 host[i] = (both[:r], both[r:])
@@ -149,26 +214,35 @@ def _module_metrics(sigma: np.ndarray, m: LiveModule) -> dict[str, float]:
     }
 
 
+def zero_modules(modules: dict[str, dict[str, float]]) -> list[str]:
+    """Modules whose update is exactly zero (Frobenius norm 0): no spectrum to average."""
+    return [name for name, row in modules.items() if row.get("frobenius_norm") == 0.0]
+
+
 def aggregate(modules: dict[str, dict[str, float]]) -> dict[str, float]:
     """Whole-adapter values as DESIGN.md defines them.
 
     frobenius_norm: sqrt of the summed squared module norms; sigma_max: max over modules;
-    stable_rank, energy_rank_90, utilization: means over modules.
+    stable_rank, energy_rank_90, utilization: means over the modules whose update is not
+    exactly zero (DESIGN.md: zero modules are counted and listed, not averaged); absent
+    when every update is zero, as at step 0 of a PEFT run.
     """
     if not modules:
         return {}
     rows = list(modules.values())
+    zero = set(zero_modules(modules))
+    live = [row for name, row in modules.items() if name not in zero]
 
-    def col(key: str) -> np.ndarray:
-        return np.array([row[key] for row in rows], dtype=np.float64)
+    def col(key: str, of: list[dict[str, float]]) -> np.ndarray:
+        return np.array([row[key] for row in of], dtype=np.float64)
 
-    return {
-        "frobenius_norm": math.sqrt(float(np.sum(col("frobenius_norm") ** 2))),
-        "sigma_max": float(np.max(col("sigma_max"))),
-        "stable_rank": float(np.mean(col("stable_rank"))),
-        "energy_rank_90": float(np.mean(col("energy_rank_90"))),
-        "utilization": float(np.mean(col("utilization"))),
+    out = {
+        "frobenius_norm": math.sqrt(float(np.sum(col("frobenius_norm", rows) ** 2))),
+        "sigma_max": float(np.max(col("sigma_max", rows))),
     }
+    if live:
+        out.update({k: float(np.mean(col(k, live))) for k in _MEAN_KEYS})
+    return out
 
 
 def take_snapshot(model: Any, adapter_name: str | None = None, compute: bool = True) -> Snapshot | None:
@@ -181,4 +255,11 @@ def take_snapshot(model: Any, adapter_name: str | None = None, compute: bool = T
         if not modules:
             return Snapshot({}, {}, 0.0, 0)
         agg, per = structural_metrics(modules)
-    return Snapshot(agg, per, (time.perf_counter() - t0) * 1000.0, len(modules))
+    adapters = sorted({m.adapter for m in modules})
+    by_adapter = {a: aggregate({m.name: per[m.name] for m in modules if m.adapter == a}) for a in adapters}
+    float32 = any(m.lora_A.device.type in NO_FLOAT64_DEVICES for m in modules)
+    return Snapshot(
+        agg, per, (time.perf_counter() - t0) * 1000.0, len(modules), tuple(zero_modules(per)),
+        tuple(m.name for m in modules if m.dora), by_adapter if len(adapters) > 1 else {},
+        "float32" if float32 else "float64",
+    )

@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from gradience.errors import UsageError
 from gradience.lora.reader import (
     CONFIG_NAME,
     SAVED_PREFIX,
@@ -29,6 +30,7 @@ from gradience.preflight.inputs import (
     TrainingSnapshot,
     finite_number,
     load_model_config,
+    load_train_config,
     load_training_args,
     locate_file,
 )
@@ -42,6 +44,8 @@ from gradience.preflight.profiles import (
 )
 
 ABSURD_LEARNING_RATE = 1e-2
+GENERATIVE_PROFILES = ("reasoning", "generation")  # tasks answered by generating text
+_CLASSIFIER_TASK_TYPES = ("SEQ_CLS", "TOKEN_CLS")
 SEVERITIES = ("error", "warning", "info")
 HEURISTICS_NOTE = (
     "These are heuristics to verify, not guarantees: the ranges are commonly used values, "
@@ -98,7 +102,8 @@ class CheckReport:
 
 
 def check(
-    task: str, peft_dir: str | Path, training_dir: str | Path | None = None, model_config: str | Path | None = None
+    task: str, peft_dir: str | Path | None = None, training_dir: str | Path | None = None,
+    model_config: str | Path | None = None, config: str | Path | None = None,
 ) -> CheckReport:
     """Check a PEFT LoRA config and its training arguments against a task profile.
 
@@ -108,6 +113,9 @@ def check(
         training_dir: Folder holding `training_args.json`, or that file; None skips the training rules.
         model_config: The model's `config.json` (file or folder); by default a `config.json` found in
             `training_dir` or `peft_dir`; without one, the module-name rules are skipped.
+        config: A TRL / axolotl training config (YAML or JSON) read before any training: the
+            LoRA settings and training arguments come from it where `peft_dir` / `training_dir`
+            are not given (`inputs.load_train_config`).
 
     Returns:
         A `CheckReport`; `report.ok` is False when any finding is an error.
@@ -121,12 +129,28 @@ def check(
         >>> [f.rule for f in report.findings if f.severity == "error"]      # doctest: +SKIP
     """
     profile = resolve_profile(task)
-    config_path = locate_file(Path(peft_dir), CONFIG_NAME, "adapter config")
-    settings = load_settings(config_path, lint=True)  # faults PEFT refuses become findings
+    train_config = load_train_config(config) if config is not None else None
+    if peft_dir is not None:
+        config_path = str(locate_file(Path(peft_dir), CONFIG_NAME, "adapter config"))
+        settings = load_settings(Path(config_path), lint=True)  # faults PEFT refuses become findings
+    elif train_config is not None and train_config.adapter_config is not None:
+        config_path = train_config.path
+        settings = LoraSettings.from_dict(train_config.adapter_config, source=config_path, lint=True)
+    elif train_config is not None:
+        raise UsageError(f"{train_config.path}: no LoRA settings (lora_r, lora_alpha, lora_target_modules or a "
+                         "peft_config mapping); add them or pass --peft-dir")
+    else:
+        raise UsageError("nothing to check: pass --peft-dir (an adapter folder) or --config (a training config)")
     training = load_training_args(training_dir) if training_dir is not None else None
-    model = load_model_config(model_config, [d for d in (training_dir, peft_dir) if d is not None])
+    if training is None and train_config is not None:
+        training = train_config.training
+    search = [d for d in (training_dir, peft_dir) if d is not None]
+    if config is not None:
+        search.append(Path(config).parent)
+    model = load_model_config(model_config, search)
     skipped: list[str] = []  # the rules append what they could not check
     findings = [
+        *_task_model_findings(settings, profile, model),
         *_lora_findings(settings, profile),
         *_target_findings(settings, profile, model, skipped),
         *_pattern_findings(settings, model, skipped),
@@ -135,7 +159,7 @@ def check(
     if training is None:
         skipped.append("training arguments: no training dir given")
     return CheckReport(
-        task=task, profile=profile.name, adapter_config=str(config_path), r=settings.r,
+        task=task, profile=profile.name, adapter_config=config_path, r=settings.r,
         lora_alpha=finite_number(settings.lora_alpha), scale=finite_number(_scale(settings, settings.r, settings.lora_alpha)),
         use_rslora=settings.use_rslora, use_dora=settings.use_dora,
         lora_dropout=finite_number(settings.raw.get("lora_dropout")), target_modules=settings.target_modules,
@@ -178,6 +202,24 @@ def _grouped(base: str, base_value: Any, pattern: Mapping[str, Any]) -> dict[Any
     for key, value in pattern.items():
         groups.setdefault(value, []).append(key)
     return {v: ", ".join(f[:3]) + (f" and {len(f) - 3} more" if len(f) > 3 else "") for v, f in groups.items()}
+
+
+def _task_model_findings(s: LoraSettings, p: TaskProfile, model: ModelInfo | None) -> Iterator[Finding]:
+    """The task against the model: a classification head cannot answer a generative task."""
+    task_type = s.raw.get("task_type")
+    task_type = task_type if isinstance(task_type, str) else None
+    archs = model.architectures if model is not None else ()
+    head = next((a for a in archs if a.endswith(("ForSequenceClassification", "ForTokenClassification"))), None)
+    if p.name in GENERATIVE_PROFILES and (task_type in _CLASSIFIER_TASK_TYPES or head):
+        what = f"task_type {task_type}" if task_type in _CLASSIFIER_TASK_TYPES else f"architecture {head}"
+        yield Finding("task_model_mismatch", "error", "task_type", f"the {p.name} profile generates text, but the "
+                      f"model is a classifier ({what})", "A classification head outputs label scores, not tokens: "
+                      "a generative task needs a causal LM (task_type CAUSAL_LM, a *ForCausalLM model).",
+                      task_type or head, "CAUSAL_LM")
+    elif p.name == "classification" and (task_type == "CAUSAL_LM" or any(a.endswith("ForCausalLM") for a in archs)):
+        yield Finding("task_model_mismatch", "info", "task_type", "a classification task on a causal LM: labels "
+                      "are generated as text", "That works (and monitor then reports exact match, not chance "
+                      "levels); a SEQ_CLS head is cheaper when the labels are fixed.", task_type, "SEQ_CLS")
 
 
 def _lora_findings(s: LoraSettings, p: TaskProfile) -> Iterator[Finding]:

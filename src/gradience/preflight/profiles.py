@@ -272,6 +272,7 @@ class ModelInfo:
     model_type: str | None
     n_layers: int | None
     module_types: Mapping[str, str] | None  # module path -> attn/mlp/embed/head/other; None: unknown naming
+    architectures: tuple[str, ...] = ()  # the config's `architectures`: which head was saved
 
     @classmethod
     def from_config(cls, path: str, cfg: Mapping[str, Any]) -> ModelInfo:
@@ -279,7 +280,9 @@ class ModelInfo:
         counts = [cfg.get(k) for k in LAYER_COUNT_KEYS]
         n_layers = next((c for c in counts if isinstance(c, int) and not isinstance(c, bool) and c > 0), None)
         naming = MODEL_NAMING.get(model_type or "")
-        return cls(path, model_type, n_layers, module_names(naming, n_layers or 1) if naming else None)
+        archs = cfg.get("architectures")
+        archs = tuple(a for a in archs if isinstance(a, str)) if isinstance(archs, list) else ()
+        return cls(path, model_type, n_layers, module_names(naming, n_layers or 1) if naming else None, archs)
 
 
 def valid_regex(pattern: str) -> bool:

@@ -10,24 +10,28 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import statistics
 from collections import Counter, deque
 from typing import Any
 
 from gradience.errors import TelemetryError
 from gradience.runlog.monitor_report import (
     CHANCE_MARGIN,
+    CLASSIFIER_KINDS,
+    EXACT_MATCH_KEYS,
     GAP_THRESHOLD,
     HYPOTHESIS_NOTE,
     LOSS_WINDOW,
     MAX_KEPT,
+    OVERPROVISION_THRESHOLD,
     RUN_KEYS,
     STRUCTURAL_KEYS,
     STRUCTURAL_WINDOW,
     TEST_SPLITS,
     THRESHOLDS,
+    TOKEN_ACCURACY_KEYS,
     TRAIN_KEYS,
     TRAINING_ARG_KEYS,
-    UTILIZATION_THRESHOLD,
     Alert,
     Alerts,
     AuditBlock,
@@ -77,8 +81,10 @@ class _Summary:
 
     def __init__(self) -> None:
         self.n_records = self.n_resumes = self.n_train = self.n_alerts = self.nonfinite = 0
-        self.n_snapshots = self.n_modules = self.n_cost = 0
-        self.cost_sum = 0.0
+        self.n_snapshots = self.n_modules = 0
+        self.costs: list[float] = []  # one float per snapshot: median and p95 need them all
+        self.zero_modules: tuple[str, ...] = ()
+        self.n_zero_modules = 0
         self.last_step: int | None = None
         self.first_train: int | None = None
         self.last_train: int | None = None
@@ -128,9 +134,10 @@ class _Summary:
             self.first_train = step
         self.last_train = step
         latest, loss = self.latest_train, None
-        for key in TRAIN_KEYS:  # latest finite value of each: a NaN step does not blank them
-            value = data.get(key)
-            if value is None:
+        # Latest finite value of each number (TRL's entropy, mean_token_accuracy, ...): a NaN
+        # step does not blank them.
+        for key, value in data.items():
+            if value is None or key in _ENVELOPE or (key not in latest and len(latest) >= MAX_KEPT):
                 continue
             # `_num` inlined for floats, the common case (a million calls on a long log).
             if type(value) is not float or value - value != 0:  # `x - x != 0`: inf or NaN
@@ -166,7 +173,11 @@ class _Summary:
             modules = data.get("modules")
             self.n_modules = len(modules) if isinstance(modules, dict) else 0
             if (cost := _num(data.get("cost_ms"))) is not None:
-                self.cost_sum, self.n_cost = self.cost_sum + cost, self.n_cost + 1
+                self.costs.append(cost)
+            zero = data.get("zero_modules")
+            self.zero_modules = tuple(str(z) for z in zero[:MAX_KEPT]) if isinstance(zero, list) else ()
+            n_zero = _num(data.get("n_zero_modules"))
+            self.n_zero_modules = int(n_zero) if n_zero is not None else len(self.zero_modules)
         elif kind == "lora_audit":
             m, g = data.get("metrics"), data.get("suggestion")
             self.audit = AuditBlock(step, _str(data.get("peft_dir")),
@@ -198,6 +209,7 @@ class _Summary:
             self.n_resumes += 1
 
 
+_ENVELOPE = frozenset({"schema", "ts", "run_id", "seq", "event", "step", "nonfinite"})
 _HANDLERS = {
     "train_step": _Summary.on_train_step, "eval": _Summary.on_eval, "metrics": _Summary.on_metrics,
     "alert": _Summary.on_alert, "recommendation": _Summary.on_recommendation,
@@ -212,8 +224,10 @@ def _split_eval(split: str, step: int | None, n: int, metrics: dict[str, Any]) -
     if ppl is None:
         ppl, source = _ppl(loss), "exp(loss)"
     accuracy = _num(metrics.get("accuracy", metrics.get("acc")))
+    exact = next((v for k in EXACT_MATCH_KEYS if (v := _num(metrics.get(k))) is not None), None)
+    tokens = next((v for k in TOKEN_ACCURACY_KEYS if (v := _num(metrics.get(k))) is not None), None)
     return SplitEval(split, step, n, loss, ppl, source if ppl is not None else None, accuracy,
-                     metrics)  # fmt: skip
+                     metrics, exact, tokens)  # fmt: skip
 
 
 def monitor(path: str | os.PathLike[str]) -> MonitorReport:
@@ -252,7 +266,9 @@ def _report(s: _Summary, path: str, problems: ReadProblems) -> MonitorReport:
     structural = _structural(s)
     nonfinite = NonFinite(s.nonfinite, s.first_nonfinite, s.last_nonfinite,
                           dict(s.nonfinite_paths))  # fmt: skip
-    recs = _recommend(signals, structural, s.audit, nonfinite)
+    lora = run.get("lora")
+    r = _num(lora.get("r")) if isinstance(lora, dict) else None
+    recs = _recommend(signals, structural, s.audit, nonfinite, int(r) if r is not None else None)
     for rec, n in s.recs.values():
         recs.append(dataclasses.replace(rec, rule=f"{rec.rule} ({n} times, latest shown)")
                     if n > 1 else rec)  # fmt: skip
@@ -261,8 +277,9 @@ def _report(s: _Summary, path: str, problems: ReadProblems) -> MonitorReport:
     else:
         status = "incomplete"
         note = f"no run_end record: still running or crashed; last step seen {s.last_step}"
-    train = TrainSummary(s.n_train, s.first_train, s.last_train,
-                         {k: s.latest_train.get(k) for k in TRAIN_KEYS}, *s.min_loss,
+    latest = {k: s.latest_train.get(k) for k in TRAIN_KEYS}
+    latest.update({k: v for k, v in s.latest_train.items() if k not in latest})
+    train = TrainSummary(s.n_train, s.first_train, s.last_train, latest, *s.min_loss,
                          trend("loss", list(s.losses)) if s.losses else None)  # fmt: skip
     prefix = f"{problems.path}: "
     return MonitorReport(
@@ -282,8 +299,20 @@ def _run(start: dict[str, Any] | None) -> dict[str, Any]:
     args: dict[str, Any] = d.get("training_args") or {}
     args = args if isinstance(args, dict) else {}
     run = {k: json_ready(d.get(k)) for k in RUN_KEYS}
-    run["training_args"] = json_ready({k: args[k] for k in TRAINING_ARG_KEYS if k in args})
+    shown = {k: args[k] for k in TRAINING_ARG_KEYS if k in args}
+    max_steps = _num(shown.get("max_steps"))
+    if max_steps is not None and max_steps > 0:
+        shown.pop("num_train_epochs", None)  # the Trainer ignores it when max_steps > 0
+    elif "max_steps" in shown:
+        shown.pop("max_steps")  # -1: epochs decide
+    run["training_args"] = json_ready(shown)
     return run
+
+
+def _task_kind(run: dict[str, Any]) -> str | None:
+    task = run.get("task")
+    kind = task.get("kind") if isinstance(task, dict) else None
+    return kind if isinstance(kind, str) else None
 
 
 def _signals(s: _Summary, run: dict[str, Any]) -> Signals:
@@ -295,29 +324,40 @@ def _signals(s: _Summary, run: dict[str, Any]) -> Signals:
         train_ppl, source = _ppl(s.losses[-1][1]), "train_step"
     test_ppl = test.ppl if test else None
     best = s.best_loss.get(test_split or "", (None, None))
+    kind = _task_kind(run)
     return Signals(
         train_ppl=train_ppl, train_ppl_source=source if train_ppl is not None else None,
         train_accuracy=train.accuracy if train else None, test_split=test_split,
         test_ppl=test_ppl, test_accuracy=test.accuracy if test else None,
         gap=test_ppl / train_ppl if test_ppl is not None and train_ppl else None,
         best_test_loss=best[0], best_test_loss_step=best[1],
-        chance=_chance(run, test) if test is not None and test.accuracy is not None else None,
+        chance=_chance(run, test, kind) if test is not None and test.accuracy is not None else None,
+        task_kind=kind, test_loss=test.loss if test else None,
+        test_exact_match=test.exact_match if test else None,
+        test_token_accuracy=test.token_accuracy if test else None,
     )  # fmt: skip
 
 
-def _chance(run: dict[str, Any], test: SplitEval) -> Chance:
-    """1/num_labels when logged, else the logged majority-class rate, else 50% (binary)."""
+def _chance(run: dict[str, Any], test: SplitEval, kind: str | None) -> Chance | None:
+    """A classifier's chance level: the logged majority-class rate, else 1/num_labels.
+
+    None unless the run is a classifier (task kind, or an older log that gives num_labels)
+    with a known label count: a causal LM's accuracy is exact match or token accuracy, which
+    has no chance level, and guessing "binary" for an unknown classifier misleads.
+    """
+    if kind is not None and kind not in CLASSIFIER_KINDS:
+        return None
+    blocks = [run.get(k) for k in ("task", "dataset", "model")]
+    labels = [n for b in blocks if isinstance(b, dict) and (n := _num(b.get("num_labels"))) is not None and n >= 2]
+    if not labels:
+        return None
+    n = labels[0]
     dataset = run["dataset"] if isinstance(run["dataset"], dict) else {}
-    model = run["model"] if isinstance(run["model"], dict) else {}
-    for block in (dataset, model):
-        n = _num(block.get("num_labels"))
-        if n is not None and n >= 2:
-            return Chance(1.0 / n, "num_labels", f"1/num_labels, num_labels={n:g}")
     for where, block in (("test eval", test.metrics), ("dataset", dataset)):
         majority = _num(block.get("majority_rate"))
         if majority is not None and 0 < majority < 1:
-            return Chance(majority, "majority_rate", f"majority-class rate from the {where}")
-    return Chance(0.5, "assumed_binary", "assumed binary; num_labels and majority rate not logged")
+            return Chance(majority, "majority_rate", f"majority-class rate from the {where}, num_labels={n:g}")
+    return Chance(1.0 / n, "num_labels", f"1/num_labels, num_labels={n:g}")
 
 
 def _structural(s: _Summary) -> Structural | None:
@@ -325,12 +365,23 @@ def _structural(s: _Summary) -> Structural | None:
         return None
     window = tuple(s.snapshots)
     trends = tuple(trend(k, [(sn.step, sn.metrics[k]) for sn in window]) for k in STRUCTURAL_KEYS)
-    cost = s.cost_sum / s.n_cost if s.n_cost else None
-    return Structural(s.n_snapshots, window[-1], s.n_modules, cost, window, trends)
+    median = statistics.median(s.costs) if s.costs else None
+    p95 = _percentile(s.costs, 95) if s.costs else None
+    return Structural(s.n_snapshots, window[-1], s.n_modules, median, p95, window, trends,
+                      s.zero_modules, s.n_zero_modules)  # fmt: skip
+
+
+def _percentile(values: list[float], q: float) -> float:
+    """The q-th percentile, linear between order statistics (numpy's default)."""
+    ordered = sorted(values)
+    pos = (len(ordered) - 1) * q / 100.0
+    lo = math.floor(pos)
+    hi = min(lo + 1, len(ordered) - 1)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
 
 
 def _recommend(
-    sig: Signals, st: Structural | None, audit: AuditBlock | None, nf: NonFinite
+    sig: Signals, st: Structural | None, audit: AuditBlock | None, nf: NonFinite, r: int | None = None
 ) -> list[Recommendation]:
     out: list[Recommendation] = []
     if sig.gap is not None and sig.gap > GAP_THRESHOLD:
@@ -345,15 +396,7 @@ def _recommend(
             f"chance ({chance.rate:.1%}, {chance.detail}): fix the task set-up first (labels, "
             "preprocessing, eval split) before tuning LoRA", chance.rate + CHANCE_MARGIN, acc,
             f"test accuracy <= chance + {100 * CHANCE_MARGIN:g} points", "monitor"))  # fmt: skip
-    util, where = (st.latest.metrics["utilization"], "latest structural snapshot") if st else (None, "")
-    if util is None and audit is not None:
-        util, where = _num(audit.metrics.get("utilization_mean")), "appended audit"
-    if util is not None and util < UTILIZATION_THRESHOLD:
-        out.append(Recommendation(
-            "rank_overprovisioned", f"Utilization (mean) {util:.1%} < "
-            f"{UTILIZATION_THRESHOLD:.0%} ({where}): rank likely over-provisioned; see "
-            "`gradience audit`", UTILIZATION_THRESHOLD, util,
-            f"mean stable_rank / r < {UTILIZATION_THRESHOLD:.0%}", "monitor"))  # fmt: skip
+    out += _overprovisioned(st, audit, r)
     if nf.records:
         out.append(Recommendation(
             "nonfinite_values", f"{nf.records} record(s) held NaN/Inf values, written as null "
@@ -361,6 +404,25 @@ def _recommend(
             "learning rate, precision and gradient clipping", 0.0, float(nf.records),
             "any non-finite value in the log", "monitor"))  # fmt: skip
     return out
+
+
+def _overprovisioned(st: Structural | None, audit: AuditBlock | None, r: int | None) -> list[Recommendation]:
+    """Mean energy_rank_90 / r < OVERPROVISION_THRESHOLD: a smaller rank probably keeps 90% of the energy."""
+    energy, where = (st.latest.metrics["energy_rank_90"], "latest structural snapshot") if st else (None, "")
+    if energy is None and audit is not None:
+        energy, where = _num(audit.metrics.get("energy_rank_p50")), "appended audit, median"
+    if energy is None or r is None or r < 2:
+        return []
+    fraction = energy / r
+    if fraction >= OVERPROVISION_THRESHOLD:
+        return []
+    k = 1 << max(0, math.ceil(math.log2(max(energy, 1.0))))  # rounded up to a power of two
+    rule = f"mean energy_rank_90 / r < {OVERPROVISION_THRESHOLD:.0%}"
+    return [Recommendation(
+        "rank_overprovisioned", f"90% of the update's energy sits in {energy:.1f} of r={r} directions "
+        f"(mean energy_rank_90, {where}): r={k} is the hypothesis to test before the next run: "
+        f"`gradience compress ADAPTER --rank {k} --out-dir SMALLER --verify-cmd \"YOUR_EVAL {{adapter}}\"` "
+        "scores your eval on both", OVERPROVISION_THRESHOLD, fraction, rule, "monitor")]  # fmt: skip
 
 
 def _missing(s: _Summary) -> list[str]:

@@ -16,15 +16,23 @@ from gradience.runlog.triggers import TriggerSummary
 
 GAP_THRESHOLD = 1.5  # test ppl / train ppl above this: probably memorizing
 CHANCE_MARGIN = 0.05  # test accuracy at most this far above chance: task set-up suspect
-UTILIZATION_THRESHOLD = 0.25  # mean stable_rank / r below this: rank over-provisioned
+# Mean energy_rank_90 / r below this: 90% of the update's energy fits in under a quarter of
+# the allocated directions. Stable rank is 1-3 on nearly every LLM run at r >= 8 (one direction
+# dominates Σσ² / σ₁²), so a stable-rank rule fires always; the energy rank counts directions.
+OVERPROVISION_THRESHOLD = 0.25
 FLAT_THRESHOLD = 0.05  # |relative change| over a trend window below this: flat
 STRUCTURAL_WINDOW = 5
 LOSS_WINDOW = 20
 MAX_KEPT = 50  # alerts kept; distinct alert codes, recommendation codes, splits, NaN paths
-TRAIN_KEYS = ("loss", "lr", "grad_norm", "lora_grad_norm", "epoch")
+TRAIN_KEYS = ("loss", "lr", "grad_norm", "lora_grad_norm", "epoch")  # always shown (n/a when absent)
+# Task kinds whose accuracy is a choice among labels; the others generate (exact match, tokens).
+CLASSIFIER_KINDS = ("classification", "token_classification")
+GENERATIVE_KINDS = ("causal_lm", "seq2seq_lm")
+EXACT_MATCH_KEYS = ("exact_match", "em", "exact_match_accuracy")
+TOKEN_ACCURACY_KEYS = ("mean_token_accuracy", "token_accuracy")
 STRUCTURAL_KEYS = ("frobenius_norm", "sigma_max", "stable_rank", "energy_rank_90", "utilization")
 TEST_SPLITS = ("test", "eval", "validation", "val", "dev")  # the first one logged is "test"
-RUN_KEYS = ("model", "dataset", "task_profile", "lora", "versions", "structural_interval",
+RUN_KEYS = ("model", "dataset", "task", "task_profile", "lora", "versions", "structural_interval",
             "eval_policy")  # fmt: skip
 TRAINING_ARG_KEYS = (
     "learning_rate", "max_steps", "num_train_epochs", "per_device_train_batch_size",
@@ -32,12 +40,13 @@ TRAINING_ARG_KEYS = (
     "lr_scheduler_type", "max_grad_norm", "optim", "seed", "bf16", "fp16",
 )  # fmt: skip
 TREND_RULE = (
-    f"flat when |relative change| < {FLAT_THRESHOLD:.0%}; relative change = fitted change "
-    "over the window / |window mean|"
+    f"flat when |relative change| < {FLAT_THRESHOLD:.0%}; relative change = (fitted end - fitted start) "
+    "/ |fitted start|, the least-squares line's values at the window's first and last step, each "
+    "clamped into the window's observed range (so a falling positive series reads above -100%)"
 )
 THRESHOLDS: dict[str, Any] = {
-    "gap": GAP_THRESHOLD, "chance_margin": CHANCE_MARGIN,
-    "utilization": UTILIZATION_THRESHOLD, "trend_flat": FLAT_THRESHOLD, "trend_rule": TREND_RULE,
+    "gap": GAP_THRESHOLD, "chance_margin": CHANCE_MARGIN, "overprovision_energy_rank_fraction": OVERPROVISION_THRESHOLD,
+    "trend_flat": FLAT_THRESHOLD, "trend_rule": TREND_RULE,
     "structural_window": STRUCTURAL_WINDOW, "loss_window": LOSS_WINDOW,
 }  # fmt: skip
 HYPOTHESIS_NOTE = (
@@ -70,6 +79,8 @@ class SplitEval:
     ppl_source: str | None  # logged | exp(loss)
     accuracy: float | None
     metrics: dict[str, Any]  # the latest eval's metrics as logged
+    exact_match: float | None = None  # generated answer == reference (a causal LM's accuracy)
+    token_accuracy: float | None = None  # next-token accuracy (TRL's mean_token_accuracy)
 
 
 @dataclass(frozen=True)
@@ -90,7 +101,11 @@ class Signals:
     gap: float | None  # test ppl / train ppl
     best_test_loss: float | None
     best_test_loss_step: int | None
-    chance: Chance | None
+    chance: Chance | None  # only for a classifier whose label count is known
+    task_kind: str | None = None  # run_start's task.kind: causal_lm, classification, ...
+    test_loss: float | None = None
+    test_exact_match: float | None = None
+    test_token_accuracy: float | None = None
 
 
 @dataclass(frozen=True)
@@ -116,9 +131,12 @@ class Structural:
     n_snapshots: int
     latest: Snapshot
     n_modules: int
-    mean_cost_ms: float | None
+    cost_ms_median: float | None  # a busy machine makes a few snapshots slow: a mean hides the typical
+    cost_ms_p95: float | None
     window: tuple[Snapshot, ...]  # the last STRUCTURAL_WINDOW, oldest first
     trends: tuple[Trend, ...]
+    zero_modules: tuple[str, ...] = ()  # latest snapshot: update exactly zero, not in the means
+    n_zero_modules: int = 0
 
 
 @dataclass(frozen=True)
@@ -224,8 +242,11 @@ def trend(metric: str, points: Sequence[tuple[int | None, float | None]]) -> Tre
     if len(pts) < 2 or sxx == 0:
         return Trend(metric, len(pts), first, last, latest, None, None, "n/a")
     slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sxx
-    change = slope * (xs[-1] - xs[0])
-    rel = change / abs(my) if my != 0 else (0.0 if change == 0 else None)
+    lo, hi = min(ys), max(ys)
+    start = min(max(my + slope * (xs[0] - mx), lo), hi)
+    end = min(max(my + slope * (xs[-1] - mx), lo), hi)
+    change = end - start
+    rel = change / abs(start) if start != 0 else (0.0 if change == 0 else None)
     flat = rel is not None and abs(rel) < FLAT_THRESHOLD
     label = "flat" if flat else ("rising" if slope > 0 else "falling")
     return Trend(metric, len(pts), first, last, latest, 100.0 * slope, rel, label)

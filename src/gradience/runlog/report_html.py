@@ -73,11 +73,13 @@ def monitor_section(r: MonitorReport) -> str:
         ("Profile", r.run.get("task_profile") or "(none)"),
         ("Steps", f"{num(r.last_step)} ({t.n_steps} train_step record{'' if t.n_steps == 1 else 's'})"),
     ])]  # fmt: skip
+    split = (s.test_split or "test").capitalize()  # splits are labelled as the log names them
     parts += ["<h3>Latest eval signals</h3>", kv([
-        ("Train PPL", num(s.train_ppl)), (f"Test PPL ({s.test_split or 'test'})", num(s.test_ppl)),
+        ("Train PPL", num(s.train_ppl)), (f"{split} PPL", num(s.test_ppl)),
         ("Gap", f"{num(s.gap)}x" if s.gap is not None else "n/a"),
-        ("Train Acc", pct(s.train_accuracy)), ("Test Acc", pct(s.test_accuracy)),
-        ("Best test loss", f"{num(s.best_test_loss, 4)} at step {num(s.best_test_loss_step)}"),
+        ("Train Acc", pct(s.train_accuracy)), (f"{split} Acc", pct(s.test_accuracy)),
+        *([(f"{split} exact match", pct(s.test_exact_match))] if s.test_exact_match is not None else []),
+        (f"Best {split.lower()} loss", f"{num(s.best_test_loss, 4)} at step {num(s.best_test_loss_step)}"),
         ("Train loss (latest)", num(t.latest.get("loss"), 4)),
     ])]  # fmt: skip
     if r.structural is not None:

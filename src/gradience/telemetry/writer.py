@@ -35,16 +35,30 @@ MAX_TEXT_CHARS = 256
 _MAX_DEPTH = 64
 _SECRET_WORDS = frozenset(
     {
-        "token", "password", "passwd", "passwords", "secret", "secrets", "apikey",
+        "password", "passwd", "passwords", "passphrase", "secret", "secrets", "apikey",
         "authorization", "credential", "credentials", "privatekey",
     }
 )  # fmt: skip
-_SECRET_PAIRS = frozenset({("api", "key"), ("private", "key")})
+_SECRET_PAIRS = frozenset({("api", "key"), ("private", "key"), ("access", "key"), ("secret", "key")})
+# `token` names a credential only as the key's last word (`hf_token`, `access_token`): as a
+# metric's subject (`mean_token_accuracy`, `token_f1`, `num_tokens`) it does not, nor does a
+# tokenizer's special token (`pad_token`).
+_TOKEN_NOT_SECRET = frozenset({"pad", "eos", "bos", "unk", "sep", "cls", "mask", "special", "chat", "image"})
 _WORD_SPLIT_RE = re.compile(r"[^0-9A-Za-z]+|(?<=[a-z0-9])(?=[A-Z])")
 _ABS_PATH_RE = re.compile(r"^(?:/[^\s/]|~/|[A-Za-z]:[\\/]|\\\\)[^\n]*$")
+# Where a string stops being one path: whitespace before an option or another path.
+_ARG_BOUNDARY_RE = re.compile(r"\s[-/~]")
 # An absolute path of two or more components inside longer text; URLs are left alone
 # because their slashes follow `:` or `/`, which the look-behind excludes.
 _EMBEDDED_PATH_RE = re.compile(r"(?<![\w.~:/\\-])(?:/[^\s/\"'`]+)+/([^\s/\"'`]+)")
+# Credential-shaped values, wherever they appear (a command line, a URL, a free-text note):
+# Hugging Face, OpenAI/Anthropic, GitHub, AWS and Slack tokens, and HTTP bearer tokens.
+_SECRET_VALUE_RE = re.compile(
+    r"(?<![A-Za-z0-9])(?:hf_[A-Za-z0-9]{20,}|sk-[A-Za-z0-9_-]{20,}|gh[pousr]_[A-Za-z0-9]{20,}"
+    r"|github_pat_[A-Za-z0-9_]{20,}|AKIA[0-9A-Z]{16}|xox[abpsr]-[A-Za-z0-9-]{10,})"
+    r"|(?<=[Bb]earer )[A-Za-z0-9._~+/=-]{8,}"
+)
+REDACTED = "<redacted>"
 
 
 @functools.lru_cache(maxsize=4096)  # the same few hundred keys recur in every record
@@ -52,12 +66,24 @@ def is_secret_key(key: str) -> bool:
     """True when `key` names a credential (`hf_token`, `apiKey`, `PASSWORD`, ...).
 
     Whole-word match after splitting on punctuation and camelCase, so metrics such as
-    `num_tokens` or `tokens_per_second` are not mistaken for secrets.
+    `num_tokens`, `mean_token_accuracy` or `token_f1` are not mistaken for secrets.
     """
     words = [w.lower() for w in _WORD_SPLIT_RE.split(key) if w]
     if any(w in _SECRET_WORDS for w in words):
         return True
+    if words and words[-1] == "token" and (len(words) == 1 or words[-2] not in _TOKEN_NOT_SECRET):
+        return True
     return any(pair in _SECRET_PAIRS for pair in itertools.pairwise(words))
+
+
+def redact_secret_values(text: str) -> str:
+    """`text` with every credential-shaped substring (`hf_...`, `sk-...`, `ghp_...`, bearer) redacted.
+
+    Example:
+        >>> redact_secret_values("curl -H 'Authorization: Bearer abc.def-123' --token hf_" + "a" * 34)
+        "curl -H 'Authorization: Bearer <redacted>' --token <redacted>"
+    """
+    return _SECRET_VALUE_RE.sub(REDACTED, text)
 
 
 def _basename(path: str) -> str:
@@ -82,8 +108,11 @@ class _Sanitizer:
     def text(self, value: str) -> str:
         if len(value) > MAX_TEXT_CHARS and not self.allow_raw_text:
             return f"<redacted: {len(value)} chars>"
+        value = redact_secret_values(value)
         if not self.record_paths:
-            if _ABS_PATH_RE.match(value):
+            # A whole string that is one path becomes its last component; paths inside a
+            # longer string (a command line) are shortened in place, so it keeps its shape.
+            if _ABS_PATH_RE.match(value) and not _ARG_BOUNDARY_RE.search(value):
                 return _basename(value)
             value = _EMBEDDED_PATH_RE.sub(r"\1", value)
         if self.host_re is not None:
@@ -126,9 +155,10 @@ class _Sanitizer:
         for key, item in value.items():
             key = key if isinstance(key, str) else str(key)
             if item is not None and is_secret_key(key):
-                out[key] = "<redacted>"
-            else:
-                out[key] = self.value(item, [*path, key])
+                out[self.text(key)] = REDACTED
+            else:  # keys are text too: a path or a token used as a key is redacted like a value
+                clean = self.text(key)
+                out[clean] = self.value(item, [*path, clean])
         return out
 
 
@@ -160,7 +190,7 @@ def sanitize(
     return out
 
 
-def _local_host_names() -> list[str]:
+def local_host_names() -> list[str]:
     name = socket.gethostname()
     return [name, name.split(".")[0]] if name else []
 
@@ -221,7 +251,7 @@ class RunWriter:
         self.allow_raw_text = allow_raw_text
         self.record_paths = record_paths
         self._clock = clock
-        self._hosts = [] if record_paths else _local_host_names()
+        self._hosts = [] if record_paths else local_host_names()
         self._lock = threading.Lock()
         self.seq = 0
         if run_id is not None and (not isinstance(run_id, str) or not run_id.strip()):
@@ -325,7 +355,7 @@ def append_record_atomic(
     last = read_last_record(target)
     if last is None:
         raise TelemetryError(f"{target}: no valid record to continue; is it a Gradience run log?")
-    clean = sanitize(fields, host_names=_local_host_names())
+    clean = sanitize(fields, host_names=local_host_names())
     record: dict[str, Any] = {"schema": SCHEMA, "ts": time.time(), "run_id": last.run_id}
     record.update(seq=last.seq + 1, event=event, step=step, **clean)
     line = _encode(record)
