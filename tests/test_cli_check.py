@@ -245,7 +245,7 @@ def test_check_json_config_and_usage_errors(tmp_path: Path) -> None:
     assert proc.returncode == 0 and json.loads(proc.stdout)["r"] == 8
     no_lora = write_json(tmp_path / "plain.json", {"learning_rate": 1e-4})
     _one_error_line(gradience("check", "--task", "sst2", "--config", str(no_lora)), "no LoRA settings", "--peft-dir")
-    _one_error_line(gradience("check", "--task", "sst2"), "--peft-dir", "--config")
+    _one_error_line(gradience("check", "--task", "sst2"), "adapter folder", "--config")
     bad = tmp_path / "bad.yaml"
     bad.write_text("lora_r: [1, 2\n", encoding="utf-8")
     _one_error_line(gradience("check", "--task", "sst2", "--config", str(bad)), "invalid YAML")
