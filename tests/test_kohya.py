@@ -173,8 +173,7 @@ def test_cli_weights_alone_audits_a_kohya_file(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("args", "code", "fragment"),
     [
-        (("--peft-dir", "{file}"), 2, "--weights FILE"),
-        ((), 2, "pass --peft-dir DIR, or --weights FILE"),
+        ((), 2, "no input given; pass an adapter folder or a .safetensors file"),
         (("--weights", "{plain}"), 1, "no LoRA tensors (lora_down / lora_up) found"),
         (("--weights", "{file}", "--format", "peft"), 2, "no adapter_config.json beside it"),
     ],
