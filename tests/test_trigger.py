@@ -322,7 +322,9 @@ def test_trainer_evaluates_only_at_trigger_steps(tmp_path: Path) -> None:
     assert savings["reference_evals"] == reference_evals(20, 1) == 20
     assert savings["eval_seconds"] > 0
     expected = (savings["reference_evals"] - savings["evals_run"]) * savings["eval_seconds"] / savings["evals_run"]
-    assert savings["eval_seconds_saved"] == pytest.approx(expected, abs=2e-3)
+    # Both figures are logged rounded to 1 ms: the rounding of eval_seconds is scaled up by the ratio.
+    ratio = (savings["reference_evals"] - savings["evals_run"]) / savings["evals_run"]
+    assert savings["eval_seconds_saved"] == pytest.approx(expected, abs=(ratio + 1) * 5e-4 + 1e-9)
     assert records[0]["eval_trigger"]["min_spacing"] == 3
 
 
