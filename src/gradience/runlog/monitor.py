@@ -126,7 +126,8 @@ class _Summary:
         handler = _HANDLERS.get(event)
         if handler is not None:
             handler(self, step, data)
-        self.triggers.add(data)
+        if event != "train_step":  # the trigger summary reads metrics, run_start and run_end only
+            self.triggers.add(data)
 
     def on_train_step(self, step: int | None, data: dict[str, Any]) -> None:
         self.n_train += 1
