@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from gradience.errors import UsageError
-from gradience.mechanic.audit import audit, default_grid, round_up
+from gradience.mechanic.audit import Float64Buffers, audit, audit_module, default_grid, round_up
 from tests.factories import AdapterSpec, ModuleSpec, expected_metrics, write_adapter
 
 
@@ -132,3 +132,19 @@ def test_bad_arguments_are_usage_errors(tmp_path: Path) -> None:
 def test_report_is_deterministic(tmp_path: Path) -> None:
     d = write_adapter(tmp_path / "a", _two_layer_spec())
     assert json.dumps(audit(d).to_dict()) == json.dumps(audit(d).to_dict())
+
+
+def test_reused_cast_buffers_give_what_fresh_casts_give(tmp_path: Path) -> None:
+    """One pair of buffers serves modules of every shape in turn (large, small, large again)
+    with the same figures as a fresh float64 copy per module."""
+    from gradience.lora.reader import Adapter, LoraModule
+
+    report = audit(write_adapter(tmp_path / "a", _two_layer_spec(), dtype=ml_dtypes.bfloat16))
+    modules = [m for m in Adapter.open(tmp_path / "a").modules() if isinstance(m, LoraModule)]
+    assert len({m.shape for m in modules}) > 1
+    fresh = {m.name: audit_module(m) for m in modules}
+    shared = Float64Buffers()
+    for m in [*modules, *reversed(modules)]:
+        assert audit_module(m, buffers=shared) == fresh[m.name]
+    for row in report.modules:
+        assert row.singular_values == fresh[row.name].singular_values

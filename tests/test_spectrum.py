@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gradience.spectrum import (
+    NonFiniteFactors,
     _qr_core,
     cholesky_core,
     core_singular_values,
@@ -340,3 +341,27 @@ def test_gram_route_takes_cholesky_or_the_symmetric_root_with_the_same_values() 
         np.linalg.cholesky(b.T @ b)
     got = singular_values_from_grams(a @ a.T, b.T @ b, 4)
     np.testing.assert_allclose(got, np.linalg.svd(b @ a, compute_uv=False)[:4], rtol=0, atol=1e-12 * sigma[0])
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize("where", ["a", "b"])
+def test_a_nan_or_infinity_anywhere_is_refused_not_reported(bad: float, where: str) -> None:
+    """The Cholesky route never sees the bad value pass (its Gram diagonal goes non-finite),
+    and the fallback scans explicitly, so every position is caught on either route."""
+    rng = np.random.default_rng(3)
+    for row, col in [(0, 0), (7, 1000), (15, 4095)]:
+        a, b = rng.standard_normal((16, 4096)), rng.standard_normal((512, 16))
+        if where == "a":
+            a[row, col] = bad
+        else:
+            b[col % 512, row] = bad
+        with pytest.raises(NonFiniteFactors):
+            core_singular_values(a, b)
+
+
+def test_finite_factors_whose_grams_overflow_still_get_a_spectrum() -> None:
+    """Huge finite float64 entries overflow the Gram (inf) and leave the Cholesky route; the
+    scan finds nothing wrong and Householder QR answers."""
+    a = np.eye(2, 3) * 1e200
+    b = np.diag([3.0, 1.0])
+    np.testing.assert_allclose(core_singular_values(a, b), [3e200, 1e200], rtol=1e-12)

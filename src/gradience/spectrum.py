@@ -32,6 +32,10 @@ FLOAT32_EPS = float(np.finfo(np.float32).eps)
 _ENERGY_RTOL = 1e-12
 
 
+class NonFiniteFactors(ValueError):
+    """lora_A or lora_B holds a NaN or an infinity: the update has no spectrum to report."""
+
+
 def _namespace(x: Any) -> Any:
     """The array module of `x`: numpy, or torch when `x` is a torch tensor (never imported here)."""
     torch = sys.modules.get("torch")
@@ -92,11 +96,10 @@ def cholesky_core(a: np.ndarray, b: np.ndarray) -> np.ndarray | None:
     r = a.shape[-2]
     if b.shape[-2] < r or a.shape[-1] < r:
         return None  # r exceeds a side: the Gram is singular, and QR's R is not square
-    fb = _cholesky_r(b.swapaxes(-1, -2) @ b)  # numpy runs xᵀx as a symmetric rank-k update
-    if fb is None:
-        return None
-    fa = _cholesky_r(a @ a.swapaxes(-1, -2))
-    if fa is None:
+    with np.errstate(over="ignore", invalid="ignore"):  # a NaN, an infinity or an overflow: refused below
+        fb = _cholesky_r(b.swapaxes(-1, -2) @ b)  # numpy runs xᵀx as a symmetric rank-k update
+        fa = None if fb is None else _cholesky_r(a @ a.swapaxes(-1, -2))
+    if fb is None or fa is None:
         return None
     (l_b, d_b), (l_a, d_a) = fb, fa
     # R_B R_Aᵀ = L_Bᵀ diag(d_B) diag(d_A) L_A
@@ -134,6 +137,9 @@ def core_singular_values(lora_A: Any, lora_B: Any, scale: float = 1.0) -> Any:
         (..., min(r, in, out)) float64 values of the same array type as the inputs
         (a torch tensor stays on its device).
 
+    Raises:
+        NonFiniteFactors: a numpy factor holds a NaN or an infinity.
+
     Example:
         >>> A = np.eye(2, 3); B = np.diag([3.0, 1.0])
         >>> core_singular_values(A, B, scale=0.5).tolist()
@@ -144,6 +150,11 @@ def core_singular_values(lora_A: Any, lora_B: Any, scale: float = 1.0) -> Any:
     b = _upcast(lora_B, xp)
     core = cholesky_core(a, b) if xp is np else None
     if core is None:
+        # The Cholesky route accepts only Grams whose every diagonal entry (a row's or a
+        # column's sum of squares) is finite and positive, which no NaN or infinity passes;
+        # so the explicit scan is paid only here, on the rare fallback.
+        if xp is np and not (np.isfinite(a).all() and np.isfinite(b).all()):
+            raise NonFiniteFactors("lora_A or lora_B holds a NaN or an infinity")
         _, _, core = _qr_core(a, b, xp)  # (..., min(out, r), min(in, r))
     sigma = np.linalg.svd(core, compute_uv=False) if xp is np else xp.linalg.svdvals(core)
     return sigma * abs(float(scale))

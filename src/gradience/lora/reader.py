@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from gradience._quantile import median
 from gradience.errors import AdapterError, UnsupportedAdapterError, UsageError
 from gradience.lora.keys import (
     FOREIGN_PARTS,
@@ -481,7 +482,7 @@ class Adapter:
         ranks = Counter(self.file.info(k.a).shape[0] for k in self._index.values() if k.a is not None)
         r = max(1, max(ranks, key=lambda k: (ranks[k], k)) if ranks else 1)
         alphas = [self.file.read(k.alpha) for k in self._index.values() if k.alpha is not None]
-        alpha = float(np.median([float(np.asarray(x, np.float64).ravel()[0]) for x in alphas if x.size])) if alphas else r
+        alpha = median([float(np.asarray(x, np.float64).ravel()[0]) for x in alphas if x.size]) if alphas else r
         return LoraSettings(r=r, lora_alpha=alpha, raw={"format": "kohya"})
 
 
