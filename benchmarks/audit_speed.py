@@ -38,6 +38,7 @@ from pathlib import Path
 
 import ml_dtypes
 import numpy as np
+from _process import Measured, compile_bytecode, gradience_exe, load, spawn
 
 OUT = Path(__file__).resolve().parent / "out" / "mistral7b_r32"
 SHAPES = {"q_proj": (4096, 4096), "k_proj": (1024, 4096), "v_proj": (1024, 4096), "o_proj": (4096, 4096)}
@@ -64,54 +65,14 @@ def write_adapter(directory: Path, layers: int, rank: int) -> Path:
     return directory
 
 
-# Peak RSS survives exec, so a child forked from this (large) process would report our size.
-# A bare interpreter spawns the command instead and reports the child's own wall time and peak.
-_LAUNCHER = """
-import os, sys, time
-t = time.perf_counter()
-pid = os.posix_spawn(sys.argv[1], sys.argv[1:], os.environ,
-                     file_actions=[(os.POSIX_SPAWN_OPEN, 1, os.devnull, os.O_WRONLY, 0)])
-_, status, usage = os.wait4(pid, 0)
-print(time.perf_counter() - t, usage.ru_maxrss, os.waitstatus_to_exitcode(status), usage.ru_utime + usage.ru_stime)
-"""
-
-
-def whole_process(directory: Path, exe: str | None = None) -> tuple[float, float, float]:
-    """Wall seconds, peak RSS (MiB) and CPU seconds (user + system) of one `gradience audit
-    --json` process (`exe`: another console script, such as an older release's). CPU time is
-    the figure a loaded machine disturbs least: wall time also counts waiting for a core."""
+def whole_process(directory: Path, exe: str | None = None) -> Measured:
+    """One `gradience audit --json` process (`exe`: another console script, such as an older
+    release's). CPU time is the figure a loaded machine disturbs least: wall time also counts
+    waiting for a core."""
     env = dict(os.environ)
     if exe:
         env.pop("PYTHONPATH", None)  # our sources on the path would shadow the other release's
-    exe = exe or str(Path(sys.executable).parent / "gradience")
-    cmd = [sys.executable, "-S", "-c", _LAUNCHER, exe, "audit", "--peft-dir", str(directory), "--json"]
-    run = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env)
-    wall, rss_kib, code, cpu = run.stdout.split()
-    if int(code) != 0:
-        raise SystemExit(f"{exe} audit failed")
-    return float(wall), int(rss_kib) / 1024.0, float(cpu)
-
-
-def compile_bytecode() -> str:
-    """Compile our package's .pyc files, as `pip install` does for a user (and did for the anchor).
-
-    An editable install run under PYTHONDONTWRITEBYTECODE=1 (this workplace sets it) never
-    writes them, so every fresh process would recompile our sources from text: ~50 ms of a
-    whole-process audit that no installed copy pays.
-    """
-    import compileall
-
-    import gradience
-
-    package = Path(gradience.__file__).resolve().parent
-    ok = compileall.compile_dir(package, quiet=1)
-    if not ok:
-        raise SystemExit(f"compiling {package} failed")
-    return f"bytecode: compiled {package} (as pip install does)"
-
-
-def load() -> str:
-    return f"load {os.getloadavg()[0]:.2f}"
+    return spawn([exe or gradience_exe(), "audit", "--peft-dir", str(directory), "--json"], env)
 
 
 def read_bytes(path: Path) -> float:
@@ -174,18 +135,18 @@ def main() -> None:
         procs.append(whole_process(directory))
         if args.anchor:
             anchor.append(whole_process(directory, args.anchor))
-    wall = statistics.median(p[0] for p in procs)
-    cpu = statistics.median(p[2] for p in procs)
-    rss = max(p[1] for p in procs)
+    wall = statistics.median(p.wall for p in procs)
+    cpu = statistics.median(p.cpu for p in procs)
+    rss = max(p.rss_mib for p in procs)
     print(f"whole process `gradience audit --json`: {wall:.3f} s wall (median of {args.repeats}; runs:"
-          f" {', '.join(f'{p[0]:.3f}' for p in procs)})   target < 0.5 s   [{load_before} -> {load()}]")
+          f" {', '.join(f'{p.wall:.3f}' for p in procs)})   target < 0.5 s   [{load_before} -> {load()}]")
     print(f"  CPU time of that process (user + sys): {cpu:.3f} s (median)")
     if anchor:
-        anchor_wall = statistics.median(p[0] for p in anchor)
-        anchor_cpu = statistics.median(p[2] for p in anchor)
+        anchor_wall = statistics.median(p.wall for p in anchor)
+        anchor_cpu = statistics.median(p.cpu for p in anchor)
         print(f"anchor `{args.anchor} audit --json`: {anchor_wall:.3f} s wall (median of {args.repeats}; runs:"
-              f" {', '.join(f'{p[0]:.3f}' for p in anchor)}), {anchor_cpu:.3f} s CPU,"
-              f" peak RSS {max(p[1] for p in anchor):.1f} MiB")
+              f" {', '.join(f'{p.wall:.3f}' for p in anchor)}), {anchor_cpu:.3f} s CPU,"
+              f" peak RSS {max(p.rss_mib for p in anchor):.1f} MiB")
         print(f"ratio anchor / ours, same run: {anchor_wall / wall:.2f}x wall, {anchor_cpu / cpu:.2f}x CPU"
               f"   target >= 6x   [{load()}]")
     print(f"peak RSS of that process: {rss:.1f} MiB = {rss / size_mib:.2f}x file size   target < 1.5x")

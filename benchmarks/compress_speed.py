@@ -36,10 +36,8 @@ from pathlib import Path
 
 import ml_dtypes
 import numpy as np
-from audit_speed import (  # same spawn-and-wait4 launcher as the audit benchmark
-    _LAUNCHER,
-    read_bytes,
-)
+from _process import spawn as spawn_measured
+from audit_speed import read_bytes
 
 from gradience.lora.writer import write_safetensors
 
@@ -81,11 +79,8 @@ def write_adapter(directory: Path, layers: int, rank: int) -> Path:
 
 def spawn(args: list[str]) -> tuple[float, float]:
     """Wall seconds and peak RSS (MiB) of one fresh process running `args`."""
-    cmd = [sys.executable, "-S", "-c", _LAUNCHER, *args]
-    wall, rss_kib, code = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.split()
-    if int(code) != 0:
-        raise SystemExit(f"failed: {' '.join(args)}")
-    return float(wall), int(rss_kib) / 1024.0
+    run = spawn_measured(args)
+    return run.wall, run.rss_mib
 
 
 def dense_child(directory: Path, energy: float, result: Path) -> None:

@@ -6,7 +6,7 @@ schema-valid lines, then times `gradience monitor --json` and `gradience analyze
 it as fresh processes: wall seconds and peak RSS. Run at two sizes (default 250k and 1M
 records): a streaming reader's peak RSS should be about the same at both.
 
-Usage: python benchmarks/large_log.py [--records 250000 1000000] [--repeats 1]
+Usage: python benchmarks/large_log.py [--records 250000 1000000] [--repeats 3]
 """
 
 from __future__ import annotations
@@ -15,29 +15,18 @@ import argparse
 import json
 import math
 import os
-import subprocess
+import statistics
 import sys
 import time
 from pathlib import Path
+
+from _process import compile_bytecode, gradience_exe, spawn
 
 OUT = Path(__file__).resolve().parent / "out" / "large_log"
 SCHEMA = "gradience.run/1"
 RUN_ID = "b3nchmark0000001"
 EVAL_EVERY = 50
 MODULES = [f"base_model.model.model.layers.{i}.self_attn.{p}" for i in range(4) for p in ("q_proj", "v_proj")]
-
-# Peak RSS survives exec, so a child forked from this process would report our size.
-# A bare interpreter spawns the command instead and reports the child's own wall and peak.
-_LAUNCHER = """
-import os, sys, time
-t = time.perf_counter()
-pid = os.posix_spawn(sys.argv[1], sys.argv[1:], os.environ,
-                     file_actions=[(os.POSIX_SPAWN_OPEN, 1, os.devnull, os.O_WRONLY, 0)])
-_, status, usage = os.wait4(pid, 0)
-print(time.perf_counter() - t, usage.ru_utime + usage.ru_stime, usage.ru_maxrss,
-      os.waitstatus_to_exitcode(status))
-"""
-
 
 def _line(seq: int, event: str, step: int | None, **fields: object) -> str:
     record = {"schema": SCHEMA, "ts": 1767225600.0 + seq * 0.01, "run_id": RUN_ID, "seq": seq,
@@ -106,30 +95,17 @@ def write_log(path: Path, n_records: int) -> Path:
 TARGET_S = {"monitor": 3.0, "analyze": 5.0}  # issue 12, whole process on 1,000,000 records
 
 
-def whole_process(args: list[str]) -> tuple[float, float, float]:
-    """Wall seconds, CPU seconds and peak RSS (MiB) of one `gradience ...` process.
-
-    CPU time is reported beside wall time because on a shared machine the wall time
-    measures the neighbours as much as the command.
-    """
-    exe = str(Path(sys.executable).parent / "gradience")
-    cmd = [sys.executable, "-S", "-c", _LAUNCHER, exe, *args]
-    wall, cpu, rss_kib, code = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.split()
-    if int(code) != 0:
-        raise SystemExit(f"gradience {' '.join(args)} exited with {code}")
-    return float(wall), float(cpu), int(rss_kib) / 1024.0
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--records", type=int, nargs="+", default=[250_000, 1_000_000])
-    parser.add_argument("--repeats", type=int, default=1, help="runs per command; the best is shown")
+    parser.add_argument("--repeats", type=int, default=3, help="runs per command; the median is shown")
     args = parser.parse_args()
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     print(f"python {sys.version.split()[0]}, {os.cpu_count()} CPUs, load average {load}; "
           f"targets at 1M records: monitor <= {TARGET_S['monitor']} s, analyze <= {TARGET_S['analyze']} s, peak RSS flat")
     print(f"{'records':>9} {'MiB':>6} {'command':<8} {'wall s':>7} {'CPU s':>6} {'peak RSS MiB':>13}"
           f" {'target s':>8} {'load':>6}")
+    print(compile_bytecode())
     for n in args.records:
         path = OUT / f"run_{n}.jsonl"
         if not path.exists() or _count_lines(path) != n:
@@ -138,11 +114,12 @@ def main() -> None:
             print(f"  (wrote {path.name} in {time.perf_counter() - t0:.1f} s)")
         size = path.stat().st_size / 2**20
         for command in ("monitor", "analyze"):
-            runs = [whole_process([command, str(path), "--json"]) for _ in range(args.repeats)]
-            wall, cpu = min(w for w, _, _ in runs), min(c for _, c, _ in runs)
-            rss = max(r for _, _, r in runs)
+            runs = [spawn([gradience_exe(), command, str(path), "--json"]) for _ in range(args.repeats)]
+            wall, cpu = statistics.median(r.wall for r in runs), statistics.median(r.cpu for r in runs)
+            rss = max(r.rss_mib for r in runs)
             print(f"{n:>9} {size:>6.0f} {command:<8} {wall:>7.2f} {cpu:>6.2f} {rss:>13.1f}"
-                  f" {TARGET_S[command]:>8} {os.getloadavg()[0]:>6.2f}")
+                  f" {TARGET_S[command]:>8} {os.getloadavg()[0]:>6.2f}"
+                  f"   (median of {len(runs)}; wall runs {', '.join(f'{r.wall:.2f}' for r in runs)})")
 
 
 if __name__ == "__main__":

@@ -12,7 +12,10 @@ import math
 import os
 import statistics
 from collections import Counter, deque
-from typing import Any
+from collections.abc import Sequence
+from itertools import compress, repeat
+from operator import contains
+from typing import Any, cast
 
 from gradience.errors import TelemetryError
 from gradience.runlog.monitor_report import (
@@ -47,19 +50,11 @@ from gradience.runlog.monitor_report import (
     json_ready,
     trend,
 )
+from gradience.runlog.train_fold import TrainFold, one_layout
+from gradience.runlog.train_fold import finite_number as _num
 from gradience.runlog.triggers import TriggerCollector
-from gradience.telemetry import ReadProblems, iter_record_data
-
-
-def _num(x: Any) -> float | None:
-    """A finite float, or None for anything else (null, strings, bools, inf)."""
-    if isinstance(x, (int, float)) and not isinstance(x, bool):
-        try:
-            x = float(x)
-        except OverflowError:  # an integer literal beyond float range
-            return None
-        return x if math.isfinite(x) else None
-    return None
+from gradience.telemetry import ReadProblems
+from gradience.telemetry.chunks import Chunk, iter_record_chunks
 
 
 def _str(x: Any) -> str | None:
@@ -80,27 +75,25 @@ class _Summary:
     """Running state of one pass; only bounded pieces of the log are kept."""
 
     def __init__(self) -> None:
-        self.n_records = self.n_resumes = self.n_train = self.n_alerts = self.nonfinite = 0
+        self.n_records = self.n_resumes = self.n_alerts = self.nonfinite = 0
         self.n_snapshots = self.n_modules = 0
         self.costs: list[float] = []  # one float per snapshot: median and p95 need them all
         self.zero_modules: tuple[str, ...] = ()
         self.n_zero_modules = 0
         self.last_step: int | None = None
-        self.first_train: int | None = None
-        self.last_train: int | None = None
         self.first_nonfinite: int | None = None
         self.last_nonfinite: int | None = None
         self.start: dict[str, Any] | None = None
         self.end: tuple[str, int | None] | None = None
         self.audit: AuditBlock | None = None
-        self.min_loss: tuple[float | None, int | None] = (None, None)
         self.run_ids: dict[str, None] = {}  # an ordered set
-        self.latest_train: dict[str, float] = {}
+        self.train = TrainFold(_ENVELOPE, MAX_KEPT, LOSS_WINDOW)
         self.evals: dict[str, SplitEval] = {}
+        self.eval_latest: dict[str, tuple[int | None, int, dict[str, Any]]] = {}  # split -> (step, n, metrics)
         self.best_loss: dict[str, tuple[float, int | None]] = {}  # split -> (loss, step)
         self.recs: dict[str, tuple[Recommendation, int]] = {}  # code -> (latest, count)
-        self.losses: deque[tuple[int | None, float]] = deque(maxlen=LOSS_WINDOW)
         self.snapshots: deque[Snapshot] = deque(maxlen=STRUCTURAL_WINDOW)
+        self.snapshot_latest: deque[tuple[int | None, dict[str, Any]]] = deque(maxlen=STRUCTURAL_WINDOW)
         self.alerts: deque[Alert] = deque(maxlen=MAX_KEPT)
         self.alert_codes: Counter[str] = Counter()
         self.alert_severities: Counter[str] = Counter()
@@ -111,8 +104,7 @@ class _Summary:
         """Fold one record (a dict that passed the reader's envelope checks) into the summary."""
         self.n_records += 1
         step, event = data["step"], data["event"]
-        if len(self.run_ids) < MAX_KEPT:
-            self.run_ids.setdefault(data["run_id"])
+        self._note_ids((data["run_id"],))
         if step is not None and (self.last_step is None or step > self.last_step):
             self.last_step = step
         if "nonfinite" in data:
@@ -130,36 +122,49 @@ class _Summary:
             self.triggers.add(data)
 
     def on_train_step(self, step: int | None, data: dict[str, Any]) -> None:
-        self.n_train += 1
-        if self.first_train is None:
-            self.first_train = step
-        self.last_train = step
-        latest, loss = self.latest_train, None
-        # Latest finite value of each number (TRL's entropy, mean_token_accuracy, ...): a NaN
-        # step does not blank them.
-        for key, value in data.items():
-            if value is None or key in _ENVELOPE or (key not in latest and len(latest) >= MAX_KEPT):
-                continue
-            # `_num` inlined for floats, the common case (a million calls on a long log).
-            if type(value) is not float or value - value != 0:  # `x - x != 0`: inf or NaN
-                value = _num(value)
-                if value is None:
-                    continue
-            latest[key] = value
-            if key == "loss":
-                loss = value
-        if loss is not None:
-            self.losses.append((step, loss))
-            if self.min_loss[0] is None or loss < self.min_loss[0]:
-                self.min_loss = (loss, step)
+        self.train.add(step, data)
+
+    def add_chunk(self, chunk: Chunk) -> None:
+        """Fold consecutive records in order, runs of train steps a run at a time."""
+        records, events, steps = chunk.records, chunk.events, chunk.steps
+        self._note_ids(chunk.run_ids[:1] if chunk.one_run_id else chunk.run_ids)
+        known = [x for x in steps if x is not None] if chunk.null_steps else cast("tuple[int, ...]", steps)
+        top = max(known) if known else None
+        if top is not None and (self.last_step is None or top > self.last_step):
+            self.last_step = top
+        start = 0
+        for i in [*compress(range(len(events)), map("train_step".__ne__, events)), len(records)]:
+            if i > start:
+                self.add_train_batch(records[start:i], steps[start:i])
+            if i < len(records):
+                self.add(records[i])
+            start = i + 1
+
+    def _note_ids(self, run_ids: Sequence[str]) -> None:
+        if len(self.run_ids) < MAX_KEPT:
+            for run_id in dict.fromkeys(run_ids):
+                if len(self.run_ids) >= MAX_KEPT:
+                    break
+                self.run_ids.setdefault(run_id)
+
+    def add_train_batch(self, batch: list[dict[str, Any]], steps: Sequence[int | None]) -> None:
+        """Fold consecutive train_step records, as `add` would one by one (`add_chunk` has
+        already counted their run ids and steps, which `add` may count again: idempotent)."""
+        uniform = one_layout(batch)
+        if "nonfinite" in batch[-1] if uniform else any(map(contains, batch, repeat("nonfinite"))):
+            for data in batch:  # rare: a NaN was logged; its paths are counted record by record
+                self.add(data)
+            return
+        self.n_records += len(batch)
+        self.train.add_batch(batch, steps, uniform)
 
     def on_eval(self, step: int | None, data: dict[str, Any]) -> None:
         split, metrics = data.get("split"), data.get("metrics")
         if not isinstance(split, str) or not isinstance(metrics, dict):
             return
-        if split in self.evals or len(self.evals) < MAX_KEPT:
-            n = self.evals[split].n_evals + 1 if split in self.evals else 1
-            self.evals[split] = _split_eval(split, step, n, json_ready(metrics))
+        if split in self.eval_latest or len(self.eval_latest) < MAX_KEPT:
+            seen = self.eval_latest.get(split)
+            self.eval_latest[split] = (step, seen[1] + 1 if seen else 1, metrics)  # summarised in `finish`
         loss, best = _num(metrics.get("loss")), self.best_loss.get(split)
         if loss is not None and (best is None or loss < best[0]):
             self.best_loss[split] = (loss, step)
@@ -167,23 +172,34 @@ class _Summary:
     def on_metrics(self, step: int | None, data: dict[str, Any]) -> None:
         agg, kind = data.get("metrics"), data.get("kind")
         if kind == "structural" and isinstance(agg, dict):
-            # Aggregates only: a snapshot's `modules` can hold hundreds of entries.
-            metrics = {k: _num(agg.get(k)) for k in STRUCTURAL_KEYS}
-            self.snapshots.append(Snapshot(step, _str(data.get("reason")), metrics))
+            self.snapshot_latest.append((step, data))  # summarised in `finish`
             self.n_snapshots += 1
-            modules = data.get("modules")
-            self.n_modules = len(modules) if isinstance(modules, dict) else 0
             if (cost := _num(data.get("cost_ms"))) is not None:
                 self.costs.append(cost)
-            zero = data.get("zero_modules")
-            self.zero_modules = tuple(str(z) for z in zero[:MAX_KEPT]) if isinstance(zero, list) else ()
-            n_zero = _num(data.get("n_zero_modules"))
-            self.n_zero_modules = int(n_zero) if n_zero is not None else len(self.zero_modules)
         elif kind == "lora_audit":
             m, g = data.get("metrics"), data.get("suggestion")
             self.audit = AuditBlock(step, _str(data.get("peft_dir")),
                                     json_ready(m) if isinstance(m, dict) else {},
                                     json_ready(g) if isinstance(g, dict) else {})  # fmt: skip
+
+    def finish(self) -> None:
+        """Summarise what was kept raw during the pass: the latest eval of each split and
+        the last structural snapshots (a long log has tens of thousands of each)."""
+        self.evals = {split: _split_eval(split, step, n, json_ready(metrics))
+                      for split, (step, n, metrics) in self.eval_latest.items()}  # fmt: skip
+        for step, data in self.snapshot_latest:
+            # Aggregates only: a snapshot's `modules` can hold hundreds of entries.
+            agg = data["metrics"]
+            metrics = {k: _num(agg.get(k)) for k in STRUCTURAL_KEYS}
+            self.snapshots.append(Snapshot(step, _str(data.get("reason")), metrics))
+        if self.snapshot_latest:
+            data = self.snapshot_latest[-1][1]
+            modules = data.get("modules")
+            self.n_modules = len(modules) if isinstance(modules, dict) else 0
+            zero = data.get("zero_modules")
+            self.zero_modules = tuple(str(z) for z in zero[:MAX_KEPT]) if isinstance(zero, list) else ()
+            n_zero = _num(data.get("n_zero_modules"))
+            self.n_zero_modules = int(n_zero) if n_zero is not None else len(self.zero_modules)
 
     def on_alert(self, step: int | None, data: dict[str, Any]) -> None:
         code, severity = str(data.get("code", "?")), str(data.get("severity", "?"))
@@ -251,8 +267,9 @@ def monitor(path: str | os.PathLike[str]) -> MonitorReport:
     """
     problems = ReadProblems(path)
     s = _Summary()
-    for _, data in iter_record_data(path, problems=problems):
-        s.add(data)
+    for chunk in iter_record_chunks(path, problems=problems):
+        s.add_chunk(chunk)
+    s.finish()
     if s.n_records == 0:
         if len(problems) == 0:
             raise TelemetryError(f"{path}: the run log is empty; nothing to summarise")
@@ -278,10 +295,11 @@ def _report(s: _Summary, path: str, problems: ReadProblems) -> MonitorReport:
     else:
         status = "incomplete"
         note = f"no run_end record: still running or crashed; last step seen {s.last_step}"
-    latest = {k: s.latest_train.get(k) for k in TRAIN_KEYS}
-    latest.update({k: v for k, v in s.latest_train.items() if k not in latest})
-    train = TrainSummary(s.n_train, s.first_train, s.last_train, latest, *s.min_loss,
-                         trend("loss", list(s.losses)) if s.losses else None)  # fmt: skip
+    t = s.train
+    latest = {k: t.latest.get(k) for k in TRAIN_KEYS}
+    latest.update({k: v for k, v in t.latest.items() if k not in latest})
+    train = TrainSummary(t.n, t.first_step, t.last_step, latest, *t.min_loss,
+                         trend("loss", list(t.losses)) if t.losses else None)  # fmt: skip
     prefix = f"{problems.path}: "
     return MonitorReport(
         path=path, run_id=next(reversed(s.run_ids), None), run_ids=tuple(s.run_ids),
@@ -321,8 +339,8 @@ def _signals(s: _Summary, run: dict[str, Any]) -> Signals:
     test = s.evals.get(test_split) if test_split else None
     train = s.evals.get("train")
     train_ppl, source = (train.ppl, "eval:train") if train else (None, None)
-    if train_ppl is None and s.losses:  # no train-split eval: the training loss stands in
-        train_ppl, source = _ppl(s.losses[-1][1]), "train_step"
+    if train_ppl is None and s.train.losses:  # no train-split eval: the training loss stands in
+        train_ppl, source = _ppl(s.train.losses[-1][1]), "train_step"
     test_ppl = test.ppl if test else None
     best = s.best_loss.get(test_split or "", (None, None))
     kind = _task_kind(run)
@@ -430,7 +448,7 @@ def _missing(s: _Summary) -> list[str]:
     has_test = any(name in s.evals for name in TEST_SPLITS)
     checks = [
         (s.start is None, "run_start: no model, dataset or LoRA config"),
-        (not s.n_train, "train_step: no training loss (an eval-only log?)"),
+        (not s.train.n, "train_step: no training loss (an eval-only log?)"),
         (not s.evals, "eval: no eval metrics"),
         (bool(s.evals) and "train" not in s.evals,
          "train-split eval: train ppl falls back to the train_step loss"),

@@ -12,7 +12,7 @@ import json
 import os
 import warnings
 from array import array
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -119,7 +119,7 @@ def _reject_constant(name: str) -> None:
 _DECODER = json.JSONDecoder(parse_constant=_reject_constant)
 
 
-def _fast_loads() -> Any:
+def fast_loads() -> Any:
     """orjson's `loads` when installed (`gradience[fast]`), else None.
 
     Why: on a million-line log, stdlib parsing is most of the time; orjson parses the same
@@ -188,7 +188,7 @@ def _parse(raw: bytes) -> tuple[dict[str, Any] | None, str, str]:
     return (data, "", "") if problem is None else (None, *problem)
 
 
-def _open_log(path: str | os.PathLike[str]) -> Path:
+def open_log(path: str | os.PathLike[str]) -> Path:
     log = Path(path)
     if not log.exists():
         raise UsageError(f"run log not found: {log}")
@@ -215,7 +215,7 @@ def iter_records(
         >>> for rec in iter_records("run.jsonl"):  # doctest: +SKIP
         ...     if rec.event == "eval": print(rec.step, rec.data["metrics"])
     """
-    log = _open_log(path)
+    log = open_log(path)
     if problems is not None and not problems.path:
         problems.path = str(log)
     return _records(_scan(log, strict, problems))
@@ -231,7 +231,7 @@ def iter_record_data(
     passed the same envelope checks, so `data["event"]`, `data["step"]`, `data["run_id"]`
     are well typed. Same arguments, errors and problem reports as `iter_records`.
     """
-    log = _open_log(path)
+    log = open_log(path)
     if problems is not None and not problems.path:
         problems.path = str(log)
     return _scan(log, strict, problems)
@@ -245,57 +245,76 @@ def _records(pairs: Iterator[tuple[int, dict[str, Any]]]) -> Iterator[Record]:
 def _scan(
     log: Path, strict: bool, problems: ReadProblems | None
 ) -> Iterator[tuple[int, dict[str, Any]]]:
-    warned = False
-    decode, raw_decode, envelope, fast = _DECODER.decode, _DECODER.raw_decode, _ENVELOPE, _fast_loads()
     with open(log, "rb") as fh:
-        for line_no, raw in enumerate(fh, 1):
-            data: Any
-            try:
-                data = fast(raw) if fast is not None else _NOT_PARSED
-            except Exception:  # orjson's refusal is only a hint: the stdlib decides below
-                data = _NOT_PARSED
-            try:
-                if data is _NOT_PARSED:
-                    text = raw.decode("utf-8")
-                    # Fast path: a line that is exactly one JSON value and its newline skips
-                    # `decode`'s whitespace regexes; anything else takes `decode` for its errors.
-                    try:
-                        data, end = raw_decode(text)
-                        if end != len(text) and text[end:] != "\n":
-                            raise ValueError
-                    except ValueError:
-                        data = decode(text)
-            except (ValueError, RecursionError) as exc:
-                kind, detail = _decode_problem(raw, exc)
-            else:
-                # Hot path, inlined because it runs once per line: a current, valid record.
-                if type(data) is dict and data.keys() >= envelope and data["schema"] == SCHEMA:
-                    seq, step, ts, event, run_id = (
-                        data["seq"], data["step"], data["ts"], data["event"], data["run_id"]
-                    )  # fmt: skip
-                    if (
-                        type(seq) is int
-                        and seq >= 0
-                        and (step is None or type(step) is int)
-                        and type(ts) in (float, int)
-                        and type(event) is str
-                        and type(run_id) is str
-                        and run_id
-                    ):
-                        yield line_no, data
-                        continue
-                problem = _classify(data)
-                if problem is None:  # valid, but another schema version
-                    if not warned:
-                        warned = _warn_newer(log, line_no, data["schema"], problems)
+        yield from scan_lines(log, enumerate(fh, 1), strict, problems, ScanState())
+
+
+@dataclass
+class ScanState:
+    """What a scan carries from one line to the next: whether the newer-schema warning was given."""
+
+    warned: bool = False
+
+
+def scan_lines(
+    log: Path,
+    numbered: Iterable[tuple[int, bytes]],
+    strict: bool,
+    problems: ReadProblems | None,
+    state: ScanState,
+) -> Iterator[tuple[int, dict[str, Any]]]:
+    """The reader's rule for each (line number, raw line): yield the valid records, report or
+    raise on the rest. Every read of a log goes through it, line by line or (a chunk that
+    did not pass `telemetry.chunks`' whole-chunk check) chunk by chunk."""
+    decode, raw_decode, envelope, fast = _DECODER.decode, _DECODER.raw_decode, _ENVELOPE, fast_loads()
+    for line_no, raw in numbered:
+        data: Any
+        try:
+            data = fast(raw) if fast is not None else _NOT_PARSED
+        except Exception:  # orjson's refusal is only a hint: the stdlib decides below
+            data = _NOT_PARSED
+        try:
+            if data is _NOT_PARSED:
+                text = raw.decode("utf-8")
+                # Fast path: a line that is exactly one JSON value and its newline skips
+                # `decode`'s whitespace regexes; anything else takes `decode` for its errors.
+                try:
+                    data, end = raw_decode(text)
+                    if end != len(text) and text[end:] != "\n":
+                        raise ValueError
+                except ValueError:
+                    data = decode(text)
+        except (ValueError, RecursionError) as exc:
+            kind, detail = _decode_problem(raw, exc)
+        else:
+            # Hot path, inlined because it runs once per line: a current, valid record.
+            if type(data) is dict and data.keys() >= envelope and data["schema"] == SCHEMA:
+                seq, step, ts, event, run_id = (
+                    data["seq"], data["step"], data["ts"], data["event"], data["run_id"]
+                )  # fmt: skip
+                if (
+                    type(seq) is int
+                    and seq >= 0
+                    and (step is None or type(step) is int)
+                    and type(ts) in (float, int)
+                    and type(event) is str
+                    and type(run_id) is str
+                    and run_id
+                ):
                     yield line_no, data
                     continue
-                kind, detail = problem
-            if strict:
-                suffix = f" ({detail})" if detail else ""
-                raise TelemetryError(f"{log}:{line_no}: {kind}{suffix}; fix or drop the line")
-            if problems is not None:
-                problems.add(line_no, kind, detail)
+            problem = _classify(data)
+            if problem is None:  # valid, but another schema version
+                if not state.warned:
+                    state.warned = _warn_newer(log, line_no, data["schema"], problems)
+                yield line_no, data
+                continue
+            kind, detail = problem
+        if strict:
+            suffix = f" ({detail})" if detail else ""
+            raise TelemetryError(f"{log}:{line_no}: {kind}{suffix}; fix or drop the line")
+        if problems is not None:
+            problems.add(line_no, kind, detail)
 
 
 def _warn_newer(log: Path, line_no: int, schema: str, problems: ReadProblems | None) -> bool:
@@ -315,7 +334,7 @@ def read_last_record(path: str | os.PathLike[str]) -> Record | None:
     Why: resuming a writer or appending after the fact needs the last `seq` and `run_id`,
     and reading a whole multi-gigabyte log for that would be wasteful.
     """
-    log = _open_log(path)
+    log = open_log(path)
     with open(log, "rb") as fh:
         pos = fh.seek(0, os.SEEK_END)
         carry = b""  # the (possibly partial) first line of what has been read so far
