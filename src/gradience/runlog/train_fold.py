@@ -17,7 +17,6 @@ from operator import itemgetter, methodcaller
 from typing import Any
 
 _LOSS = methodcaller("get", "loss")
-_LOSS_ITEM = itemgetter("loss")  # faster than .get where every record has the key
 
 
 def finite_number(x: Any) -> float | None:
@@ -29,6 +28,12 @@ def finite_number(x: Any) -> float | None:
             return None
         return x if math.isfinite(x) else None
     return None
+
+
+def _own_getter(record: dict[str, Any], key: str) -> itemgetter[Any]:
+    """A getter for `key` keyed by the record's own key object: a parser hands out one object
+    per key name, so lookups in the other records match by identity (no string compare)."""
+    return itemgetter(next(k for k in record if k == key))
 
 
 def one_layout(records: list[dict[str, Any]]) -> bool:
@@ -122,7 +127,7 @@ class TrainFold:
                 if number is not None:
                     latest[key] = number
                     break
-        losses = list(map(_LOSS_ITEM if "loss" in merged and merged is last else _LOSS, batch))
+        losses = list(map(_own_getter(last, "loss") if merged is last and "loss" in last else _LOSS, batch))
         if set(map(type, losses)) == {float} and math.isfinite(sum(losses)):
             keep = self.losses.maxlen or len(losses)  # only the window's worth can survive
             self.losses.extend(zip(steps[-keep:], losses[-keep:], strict=True))
