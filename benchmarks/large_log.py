@@ -6,12 +6,18 @@ schema-valid lines, then times `gradience monitor --json` and `gradience analyze
 it as fresh processes: wall seconds and peak RSS. Run at two sizes (default 250k and 1M
 records): a streaming reader's peak RSS should be about the same at both.
 
-Usage: python benchmarks/large_log.py [--records 250000 1000000] [--repeats 3]
+With `--baseline-src DIR` (the `src` folder of another checkout, e.g. `git worktree add
+/tmp/base 9ef621a`), the same commands also run on that code, interleaved with ours so both
+see the same machine, and the ratio of the medians is printed: on a shared machine whose
+speed drifts by tens of percent, the ratio is the figure that holds.
+
+Usage: python benchmarks/large_log.py [--records 250000 1000000] [--repeats 3] [--baseline-src DIR]
 """
 
 from __future__ import annotations
 
 import argparse
+import compileall
 import json
 import math
 import os
@@ -20,7 +26,7 @@ import sys
 import time
 from pathlib import Path
 
-from _process import compile_bytecode, gradience_exe, spawn
+from _process import Measured, compile_bytecode, gradience_exe, spawn
 
 OUT = Path(__file__).resolve().parent / "out" / "large_log"
 SCHEMA = "gradience.run/1"
@@ -99,7 +105,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--records", type=int, nargs="+", default=[250_000, 1_000_000])
     parser.add_argument("--repeats", type=int, default=3, help="runs per command; the median is shown")
+    parser.add_argument("--baseline-src", type=Path, help="another checkout's src/ to time side by side")
+    parser.add_argument("--commands", nargs="+", default=["monitor", "analyze"], choices=["monitor", "analyze"])
     args = parser.parse_args()
+    baseline_env = None
+    if args.baseline_src:
+        baseline_env = {**os.environ, "PYTHONPATH": str(args.baseline_src.resolve())}
+        compileall.compile_dir(args.baseline_src, quiet=1)
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     print(f"python {sys.version.split()[0]}, {os.cpu_count()} CPUs, load average {load}; "
           f"targets at 1M records: monitor <= {TARGET_S['monitor']} s, analyze <= {TARGET_S['analyze']} s, peak RSS flat")
@@ -113,13 +125,26 @@ def main() -> None:
             write_log(path, n)
             print(f"  (wrote {path.name} in {time.perf_counter() - t0:.1f} s)")
         size = path.stat().st_size / 2**20
-        for command in ("monitor", "analyze"):
-            runs = [spawn([gradience_exe(), command, str(path), "--json"]) for _ in range(args.repeats)]
-            wall, cpu = statistics.median(r.wall for r in runs), statistics.median(r.cpu for r in runs)
-            rss = max(r.rss_mib for r in runs)
-            print(f"{n:>9} {size:>6.0f} {command:<8} {wall:>7.2f} {cpu:>6.2f} {rss:>13.1f}"
-                  f" {TARGET_S[command]:>8} {os.getloadavg()[0]:>6.2f}"
-                  f"   (median of {len(runs)}; wall runs {', '.join(f'{r.wall:.2f}' for r in runs)})")
+        for command in args.commands:
+            argv = [gradience_exe(), command, str(path), "--json"]
+            runs, base = [], []
+            for _ in range(args.repeats):  # interleaved, so both see the same load
+                runs.append(spawn(argv))
+                if baseline_env is not None:
+                    base.append(spawn(argv, baseline_env))
+            wall = _report(n, size, command, runs, f"{TARGET_S[command]:>8}")
+            if base:
+                base_wall = _report(n, size, command, base, f"{'baseline':>8}")
+                print(f"{'':>16} ratio baseline / ours, same run: {base_wall / wall:.2f}x wall,"
+                      f" {statistics.median(r.cpu for r in base) / statistics.median(r.cpu for r in runs):.2f}x CPU")
+
+
+def _report(n: int, size: float, command: str, runs: list[Measured], label: str) -> float:
+    wall, cpu = statistics.median(r.wall for r in runs), statistics.median(r.cpu for r in runs)
+    print(f"{n:>9} {size:>6.0f} {command:<8} {wall:>7.2f} {cpu:>6.2f} {max(r.rss_mib for r in runs):>13.1f}"
+          f" {label} {os.getloadavg()[0]:>6.2f}"
+          f"   (median of {len(runs)}; wall runs {', '.join(f'{r.wall:.2f}' for r in runs)})")
+    return wall
 
 
 if __name__ == "__main__":

@@ -65,6 +65,7 @@ class TrainFold:
         self.latest: dict[str, float] = {}
         self.losses: deque[tuple[int | None, float]] = deque(maxlen=window)
         self.min_loss: tuple[float | None, int | None] = (None, None)
+        self._loss_getter: itemgetter[Any] | None = None
 
     def add(self, step: int | None, data: dict[str, Any]) -> None:
         """Fold one record: the rule every batch must agree with."""
@@ -116,9 +117,10 @@ class TrainFold:
         if self.first_step is None:
             self.first_step = next((s for s in steps if s is not None), None)
         self.last_step = steps[-1]
-        for key, value in merged.items():
-            if key in envelope or key not in latest:  # not kept: the cap was reached before it came
+        for key in merged.keys() - envelope:  # any order: every key kept is in `latest` already
+            if key not in latest:  # not kept: the cap was reached before it came
                 continue
+            value = merged[key]
             if type(value) is float and value - value == 0:
                 latest[key] = value
                 continue
@@ -127,7 +129,12 @@ class TrainFold:
                 if number is not None:
                     latest[key] = number
                     break
-        losses = list(map(_own_getter(last, "loss") if merged is last and "loss" in last else _LOSS, batch))
+        if merged is last and "loss" in last:
+            if self._loss_getter is None:  # built once: the parser keeps handing out the same key
+                self._loss_getter = _own_getter(last, "loss")
+            losses = list(map(self._loss_getter, batch))
+        else:
+            losses = list(map(_LOSS, batch))
         if set(map(type, losses)) == {float} and math.isfinite(sum(losses)):
             keep = self.losses.maxlen or len(losses)  # only the window's worth can survive
             self.losses.extend(zip(steps[-keep:], losses[-keep:], strict=True))

@@ -60,10 +60,11 @@ def iter_record_chunks(
 
 def _chunks(log: Any, strict: bool, problems: ReadProblems | None) -> Iterator[Chunk]:
     loads, state, line_no = fast_loads(), ScanState(), 0
+    getter: list[itemgetter[Any]] = []  # built from the first parsed record, then reused
     with open(log, "rb") as fh:
         while lines := fh.readlines(CHUNK_BYTES):
             first, line_no = line_no + 1, line_no + len(lines)
-            chunk = _whole_chunk(lines, loads) if loads is not None else None
+            chunk = _whole_chunk(lines, loads, getter) if loads is not None else None
             if chunk is None:
                 records = [d for _, d in scan_lines(log, enumerate(lines, first), strict, problems, state)]
                 chunk = Chunk.of(records) if records else None
@@ -72,14 +73,14 @@ def _chunks(log: Any, strict: bool, problems: ReadProblems | None) -> Iterator[C
 
 
 def _envelope_getter(first: dict[str, Any]) -> itemgetter[Any]:
-    """The envelope fields' getter, keyed by the parser's own key objects (taken from the
-    chunk's first record). orjson hands out one object per key name, so each lookup then
+    """The envelope fields' getter, keyed by the parser's own key objects (taken from a
+    parsed record). orjson hands out one object per key name, so each lookup then
     matches by identity and skips a string compare: about half the cost of the lookups."""
     own = dict(zip(first, first, strict=True))
     return itemgetter(*[own.get(f, f) for f in _FIELDS])
 
 
-def _whole_chunk(lines: list[bytes], loads: Any) -> Chunk | None:
+def _whole_chunk(lines: list[bytes], loads: Any, getter: list[itemgetter[Any]]) -> Chunk | None:
     """Every line of the chunk parsed, when each is a valid current record; else None.
 
     The checks are the reader's hot path (`scan_lines`) applied to all records at once:
@@ -99,7 +100,9 @@ def _whole_chunk(lines: list[bytes], loads: Any) -> Chunk | None:
     if len(records) != n or set(map(type, records)) != {dict}:
         return None
     try:
-        schema, seq, step, ts, event, run_id = zip(*map(_envelope_getter(records[0]), records), strict=True)
+        if not getter:  # a later key object that differs is still found, by a string compare
+            getter.append(_envelope_getter(records[0]))
+        schema, seq, step, ts, event, run_id = zip(*map(getter[0], records), strict=True)
         first_run, step_types = run_id[0], set(map(type, step))
         one_run_id = type(first_run) is str and run_id.count(first_run) == n
         ok = (
