@@ -1,7 +1,7 @@
 """The chunked read and the batched train-step fold equal the record-at-a-time rule.
 
 `monitor` reads a log in chunks checked as a whole and folds runs of train steps in
-batches; the line reader (`iter_record_data`) and `_Summary.add` are the rule. Hypothesis
+batches; the line reader (`iter_record_data`) and `Summary.add` are the rule. Hypothesis
 writes logs that stress every fallback: layouts that change mid-batch, null / string /
 integer / boolean / huge losses, NaN-marked steps, several run ids, null steps, evals and
 snapshots between steps, and damaged lines of every kind the reader names.
@@ -18,6 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from gradience.runlog import monitor as monitor_module
+from gradience.runlog.summary import Summary
 from gradience.telemetry import ReadProblems, iter_record_data
 from gradience.telemetry import chunks as chunks_module
 from gradience.telemetry.chunks import CHUNK_BYTES, iter_record_chunks
@@ -86,9 +87,9 @@ def _write(tmp: Path, lines: list[str], torn: bool) -> Path:
 
 
 def _reference(path: Path) -> Any:
-    """monitor's report through the line reader and `_Summary.add`, one record at a time."""
+    """monitor's report through the line reader and `Summary.add`, one record at a time."""
     problems = ReadProblems(path)
-    s = monitor_module._Summary()
+    s = Summary()
     for _, data in iter_record_data(path, problems=problems):
         s.add(data)
     s.finish()

@@ -1,8 +1,9 @@
 """Run summary of a `run.jsonl`: what happened, how the run looks, what to check next.
 
-One streaming pass over the log (`iter_records`) keeps running summaries, the latest eval of
-each split and the last few structural snapshots, so a million-record log costs the memory
-of a short one. Recommendations are hypotheses with their thresholds stated, not predictions.
+One streaming pass over the log (`telemetry.chunks`, folded into a `runlog.summary.Summary`)
+keeps running summaries, the latest eval of each split and the last few structural
+snapshots, so a million-record log costs the memory of a short one. Recommendations are
+hypotheses with their thresholds stated, not predictions.
 """
 
 from __future__ import annotations
@@ -10,32 +11,22 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import statistics
-from collections import Counter, deque
-from collections.abc import Sequence
-from itertools import compress, repeat
-from operator import contains
-from typing import Any, cast
+from typing import Any
 
+from gradience._quantile import median, percentile
 from gradience.errors import TelemetryError
 from gradience.runlog.monitor_report import (
     CHANCE_MARGIN,
     CLASSIFIER_KINDS,
-    EXACT_MATCH_KEYS,
     GAP_THRESHOLD,
     HYPOTHESIS_NOTE,
-    LOSS_WINDOW,
-    MAX_KEPT,
     OVERPROVISION_THRESHOLD,
     RUN_KEYS,
     STRUCTURAL_KEYS,
-    STRUCTURAL_WINDOW,
     TEST_SPLITS,
     THRESHOLDS,
-    TOKEN_ACCURACY_KEYS,
     TRAIN_KEYS,
     TRAINING_ARG_KEYS,
-    Alert,
     Alerts,
     AuditBlock,
     Chance,
@@ -43,208 +34,16 @@ from gradience.runlog.monitor_report import (
     NonFinite,
     Recommendation,
     Signals,
-    Snapshot,
     SplitEval,
     Structural,
     TrainSummary,
     json_ready,
     trend,
 )
-from gradience.runlog.train_fold import TrainFold, one_layout
+from gradience.runlog.summary import Summary, perplexity
 from gradience.runlog.train_fold import finite_number as _num
-from gradience.runlog.triggers import TriggerCollector
 from gradience.telemetry import ReadProblems
-from gradience.telemetry.chunks import Chunk, iter_record_chunks
-
-
-def _str(x: Any) -> str | None:
-    return x if isinstance(x, str) else None
-
-
-def _bump(counter: Counter[str], key: str) -> None:
-    """Count `key`, holding at most MAX_KEPT distinct keys (a log could invent millions)."""
-    if key in counter or len(counter) < MAX_KEPT:
-        counter[key] += 1
-
-
-def _ppl(loss: float | None) -> float | None:
-    return math.exp(loss) if loss is not None and loss < 700 else None
-
-
-class _Summary:
-    """Running state of one pass; only bounded pieces of the log are kept."""
-
-    def __init__(self) -> None:
-        self.n_records = self.n_resumes = self.n_alerts = self.nonfinite = 0
-        self.n_snapshots = self.n_modules = 0
-        self.costs: list[float] = []  # one float per snapshot: median and p95 need them all
-        self.zero_modules: tuple[str, ...] = ()
-        self.n_zero_modules = 0
-        self.last_step: int | None = None
-        self.first_nonfinite: int | None = None
-        self.last_nonfinite: int | None = None
-        self.start: dict[str, Any] | None = None
-        self.end: tuple[str, int | None] | None = None
-        self.audit: AuditBlock | None = None
-        self.run_ids: dict[str, None] = {}  # an ordered set
-        self.train = TrainFold(_ENVELOPE, MAX_KEPT, LOSS_WINDOW)
-        self.evals: dict[str, SplitEval] = {}
-        self.eval_latest: dict[str, tuple[int | None, int, dict[str, Any]]] = {}  # split -> (step, n, metrics)
-        self.best_loss: dict[str, tuple[float, int | None]] = {}  # split -> (loss, step)
-        self.recs: dict[str, tuple[Recommendation, int]] = {}  # code -> (latest, count)
-        self.snapshots: deque[Snapshot] = deque(maxlen=STRUCTURAL_WINDOW)
-        self.snapshot_latest: deque[tuple[int | None, dict[str, Any]]] = deque(maxlen=STRUCTURAL_WINDOW)
-        self.alerts: deque[Alert] = deque(maxlen=MAX_KEPT)
-        self.alert_codes: Counter[str] = Counter()
-        self.alert_severities: Counter[str] = Counter()
-        self.nonfinite_paths: Counter[str] = Counter()
-        self.triggers = TriggerCollector()
-
-    def add(self, data: dict[str, Any]) -> None:
-        """Fold one record (a dict that passed the reader's envelope checks) into the summary."""
-        self.n_records += 1
-        step, event = data["step"], data["event"]
-        self._note_ids((data["run_id"],))
-        if step is not None and (self.last_step is None or step > self.last_step):
-            self.last_step = step
-        if "nonfinite" in data:
-            self.nonfinite += 1
-            if self.first_nonfinite is None:
-                self.first_nonfinite = step
-            self.last_nonfinite = step
-            paths = data["nonfinite"]
-            for path in paths if isinstance(paths, list) else []:
-                _bump(self.nonfinite_paths, f"{event}:{path}")
-        handler = _HANDLERS.get(event)
-        if handler is not None:
-            handler(self, step, data)
-        if event != "train_step":  # the trigger summary reads metrics, run_start and run_end only
-            self.triggers.add(data)
-
-    def on_train_step(self, step: int | None, data: dict[str, Any]) -> None:
-        self.train.add(step, data)
-
-    def add_chunk(self, chunk: Chunk) -> None:
-        """Fold consecutive records in order, runs of train steps a run at a time."""
-        records, events, steps = chunk.records, chunk.events, chunk.steps
-        self._note_ids(chunk.run_ids[:1] if chunk.one_run_id else chunk.run_ids)
-        known = [x for x in steps if x is not None] if chunk.null_steps else cast("tuple[int, ...]", steps)
-        top = max(known) if known else None
-        if top is not None and (self.last_step is None or top > self.last_step):
-            self.last_step = top
-        start = 0
-        for i in [*compress(range(len(events)), map("train_step".__ne__, events)), len(records)]:
-            if i > start:
-                self.add_train_batch(records[start:i], steps[start:i])
-            if i < len(records):
-                self.add(records[i])
-            start = i + 1
-
-    def _note_ids(self, run_ids: Sequence[str]) -> None:
-        if len(self.run_ids) < MAX_KEPT:
-            for run_id in dict.fromkeys(run_ids):
-                if len(self.run_ids) >= MAX_KEPT:
-                    break
-                self.run_ids.setdefault(run_id)
-
-    def add_train_batch(self, batch: list[dict[str, Any]], steps: Sequence[int | None]) -> None:
-        """Fold consecutive train_step records, as `add` would one by one (`add_chunk` has
-        already counted their run ids and steps, which `add` may count again: idempotent)."""
-        uniform = one_layout(batch)
-        if "nonfinite" in batch[-1] if uniform else any(map(contains, batch, repeat("nonfinite"))):
-            for data in batch:  # rare: a NaN was logged; its paths are counted record by record
-                self.add(data)
-            return
-        self.n_records += len(batch)
-        self.train.add_batch(batch, steps, uniform)
-
-    def on_eval(self, step: int | None, data: dict[str, Any]) -> None:
-        split, metrics = data.get("split"), data.get("metrics")
-        if not isinstance(split, str) or not isinstance(metrics, dict):
-            return
-        if split in self.eval_latest or len(self.eval_latest) < MAX_KEPT:
-            seen = self.eval_latest.get(split)
-            self.eval_latest[split] = (step, seen[1] + 1 if seen else 1, metrics)  # summarised in `finish`
-        loss, best = _num(metrics.get("loss")), self.best_loss.get(split)
-        if loss is not None and (best is None or loss < best[0]):
-            self.best_loss[split] = (loss, step)
-
-    def on_metrics(self, step: int | None, data: dict[str, Any]) -> None:
-        agg, kind = data.get("metrics"), data.get("kind")
-        if kind == "structural" and isinstance(agg, dict):
-            self.snapshot_latest.append((step, data))  # summarised in `finish`
-            self.n_snapshots += 1
-            if (cost := _num(data.get("cost_ms"))) is not None:
-                self.costs.append(cost)
-        elif kind == "lora_audit":
-            m, g = data.get("metrics"), data.get("suggestion")
-            self.audit = AuditBlock(step, _str(data.get("peft_dir")),
-                                    json_ready(m) if isinstance(m, dict) else {},
-                                    json_ready(g) if isinstance(g, dict) else {})  # fmt: skip
-
-    def finish(self) -> None:
-        """Summarise what was kept raw during the pass: the latest eval of each split and
-        the last structural snapshots (a long log has tens of thousands of each)."""
-        self.evals = {split: _split_eval(split, step, n, json_ready(metrics))
-                      for split, (step, n, metrics) in self.eval_latest.items()}  # fmt: skip
-        for step, data in self.snapshot_latest:
-            # Aggregates only: a snapshot's `modules` can hold hundreds of entries.
-            agg = data["metrics"]
-            metrics = {k: _num(agg.get(k)) for k in STRUCTURAL_KEYS}
-            self.snapshots.append(Snapshot(step, _str(data.get("reason")), metrics))
-        if self.snapshot_latest:
-            data = self.snapshot_latest[-1][1]
-            modules = data.get("modules")
-            self.n_modules = len(modules) if isinstance(modules, dict) else 0
-            zero = data.get("zero_modules")
-            self.zero_modules = tuple(str(z) for z in zero[:MAX_KEPT]) if isinstance(zero, list) else ()
-            n_zero = _num(data.get("n_zero_modules"))
-            self.n_zero_modules = int(n_zero) if n_zero is not None else len(self.zero_modules)
-
-    def on_alert(self, step: int | None, data: dict[str, Any]) -> None:
-        code, severity = str(data.get("code", "?")), str(data.get("severity", "?"))
-        self.n_alerts += 1
-        self.alerts.append(Alert(step, severity, code, str(data.get("message", ""))))
-        _bump(self.alert_codes, code)
-        _bump(self.alert_severities, severity)
-
-    def on_recommendation(self, step: int | None, data: dict[str, Any]) -> None:
-        code = str(data.get("code", "?"))
-        if code in self.recs or len(self.recs) < MAX_KEPT:
-            got = Recommendation(code, str(data.get("message", "")), _num(data.get("threshold")),
-                                 _num(data.get("value")), "recorded in the log", "log", step)  # fmt: skip
-            self.recs[code] = (got, self.recs[code][1] + 1 if code in self.recs else 1)
-
-    def on_lifecycle(self, step: int | None, data: dict[str, Any]) -> None:
-        if data["event"] == "run_end":
-            self.end = (str(data.get("status", "?")), step)
-            return
-        self.end = None  # a run that ended and was then resumed is running again
-        if data["event"] == "run_start":
-            self.start = data
-        else:
-            self.n_resumes += 1
-
-
-_ENVELOPE = frozenset({"schema", "ts", "run_id", "seq", "event", "step", "nonfinite"})
-_HANDLERS = {
-    "train_step": _Summary.on_train_step, "eval": _Summary.on_eval, "metrics": _Summary.on_metrics,
-    "alert": _Summary.on_alert, "recommendation": _Summary.on_recommendation,
-    "run_start": _Summary.on_lifecycle, "run_resume": _Summary.on_lifecycle,
-    "run_end": _Summary.on_lifecycle,
-}  # fmt: skip
-
-
-def _split_eval(split: str, step: int | None, n: int, metrics: dict[str, Any]) -> SplitEval:
-    loss = _num(metrics.get("loss"))
-    ppl, source = _num(metrics.get("ppl", metrics.get("perplexity"))), "logged"
-    if ppl is None:
-        ppl, source = _ppl(loss), "exp(loss)"
-    accuracy = _num(metrics.get("accuracy", metrics.get("acc")))
-    exact = next((v for k in EXACT_MATCH_KEYS if (v := _num(metrics.get(k))) is not None), None)
-    tokens = next((v for k in TOKEN_ACCURACY_KEYS if (v := _num(metrics.get(k))) is not None), None)
-    return SplitEval(split, step, n, loss, ppl, source if ppl is not None else None, accuracy,
-                     metrics, exact, tokens)  # fmt: skip
+from gradience.telemetry.chunks import iter_record_chunks
 
 
 def monitor(path: str | os.PathLike[str]) -> MonitorReport:
@@ -266,7 +65,7 @@ def monitor(path: str | os.PathLike[str]) -> MonitorReport:
         >>> report.signals.gap, [r.code for r in report.recommendations]  # doctest: +SKIP
     """
     problems = ReadProblems(path)
-    s = _Summary()
+    s = Summary()
     for chunk in iter_record_chunks(path, problems=problems):
         s.add_chunk(chunk)
     s.finish()
@@ -278,7 +77,7 @@ def monitor(path: str | os.PathLike[str]) -> MonitorReport:
     return _report(s, str(path), problems)
 
 
-def _report(s: _Summary, path: str, problems: ReadProblems) -> MonitorReport:
+def _report(s: Summary, path: str, problems: ReadProblems) -> MonitorReport:
     run = _run(s.start)
     signals = _signals(s, run)
     structural = _structural(s)
@@ -334,13 +133,13 @@ def _task_kind(run: dict[str, Any]) -> str | None:
     return kind if isinstance(kind, str) else None
 
 
-def _signals(s: _Summary, run: dict[str, Any]) -> Signals:
+def _signals(s: Summary, run: dict[str, Any]) -> Signals:
     test_split = next((name for name in TEST_SPLITS if name in s.evals), None)
     test = s.evals.get(test_split) if test_split else None
     train = s.evals.get("train")
     train_ppl, source = (train.ppl, "eval:train") if train else (None, None)
     if train_ppl is None and s.train.losses:  # no train-split eval: the training loss stands in
-        train_ppl, source = _ppl(s.train.losses[-1][1]), "train_step"
+        train_ppl, source = perplexity(s.train.losses[-1][1]), "train_step"
     test_ppl = test.ppl if test else None
     best = s.best_loss.get(test_split or "", (None, None))
     kind = _task_kind(run)
@@ -379,24 +178,15 @@ def _chance(run: dict[str, Any], test: SplitEval, kind: str | None) -> Chance | 
     return Chance(1.0 / n, "num_labels", f"1/num_labels, num_labels={n:g}")
 
 
-def _structural(s: _Summary) -> Structural | None:
+def _structural(s: Summary) -> Structural | None:
     if not s.snapshots:
         return None
     window = tuple(s.snapshots)
     trends = tuple(trend(k, [(sn.step, sn.metrics[k]) for sn in window]) for k in STRUCTURAL_KEYS)
-    median = statistics.median(s.costs) if s.costs else None
-    p95 = _percentile(s.costs, 95) if s.costs else None
-    return Structural(s.n_snapshots, window[-1], s.n_modules, median, p95, window, trends,
+    median_cost = median(s.costs) if s.costs else None
+    p95 = percentile(s.costs, 95) if s.costs else None
+    return Structural(s.n_snapshots, window[-1], s.n_modules, median_cost, p95, window, trends,
                       s.zero_modules, s.n_zero_modules)  # fmt: skip
-
-
-def _percentile(values: list[float], q: float) -> float:
-    """The q-th percentile, linear between order statistics (numpy's default)."""
-    ordered = sorted(values)
-    pos = (len(ordered) - 1) * q / 100.0
-    lo = math.floor(pos)
-    hi = min(lo + 1, len(ordered) - 1)
-    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
 
 
 def _recommend(
@@ -444,7 +234,7 @@ def _overprovisioned(st: Structural | None, audit: AuditBlock | None, r: int | N
         "scores your eval on both", OVERPROVISION_THRESHOLD, fraction, rule, "monitor")]  # fmt: skip
 
 
-def _missing(s: _Summary) -> list[str]:
+def _missing(s: Summary) -> list[str]:
     has_test = any(name in s.evals for name in TEST_SPLITS)
     checks = [
         (s.start is None, "run_start: no model, dataset or LoRA config"),
