@@ -86,3 +86,14 @@ def test_library_yields_one_result_per_adapter_in_order(tree: Path) -> None:
     assert all(isinstance(r, AdapterResult) for r in results)
     with pytest.raises(UsageError):
         list(audit_many(tree / "notes.txt"))
+
+
+def test_one_place_to_run_the_audits(tree: Path) -> None:
+    """--workers and --scheduler (or an executor) each choose where audits run: both is refused,
+    naming the two, before any cluster is contacted."""
+    cli = _run("--recursive", str(tree), "--workers", "2", "--scheduler", "tcp://127.0.0.1:1")
+    assert cli.returncode == 2 and "--workers and --scheduler" in cli.stderr and "Traceback" not in cli.stderr
+    import concurrent.futures
+
+    with concurrent.futures.ThreadPoolExecutor(1) as pool, pytest.raises(UsageError, match="give one of them"):
+        audit_many(tree, workers=2, executor=pool)

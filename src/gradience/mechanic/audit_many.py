@@ -96,7 +96,7 @@ def audit_many(
     Args:
         root: folder searched recursively for `adapter_config.json`.
         workers: worker processes (default `default_workers()`); 1 audits in this process.
-            Ignored when `executor` is given.
+            At most one of `workers`, `executor` and `scheduler` may be given.
         executor: run the audits here instead (the caller owns it and shuts it down), e.g.
             a Dask client's `get_executor()`; its workers must see `root` under the same path.
         scheduler: a Dask scheduler address (`tcp://HOST:PORT`): run on its workers, connected
@@ -105,7 +105,8 @@ def audit_many(
         **options: passed to `audit` (`energy`, `top_least_used`, `grid`).
 
     Raises:
-        UsageError: `root` is not a directory, holds no adapter, or `workers` < 1.
+        UsageError: `root` is not a directory, holds no adapter, `workers` < 1, or more than
+            one of `workers`, `executor`, `scheduler`.
         ClusterError, MissingDependencyError: `scheduler` unreachable, or dask not installed
             (raised when iteration starts).
 
@@ -115,6 +116,10 @@ def audit_many(
     """
     if workers is not None and workers < 1:
         raise UsageError(f"--workers must be at least 1, got {workers}")
+    chosen = [name for name, v in (("--workers", workers), ("executor", executor), ("--scheduler", scheduler))
+              if v is not None]  # fmt: skip
+    if len(chosen) > 1:  # each names where the audits run: taking one silently would surprise
+        raise UsageError(f"{' and '.join(chosen)} each choose where the audits run; give one of them")
     paths = find_adapters(root)
     if not paths:
         raise UsageError(f"{root}: no {CONFIG_NAME} found in it or below it")
