@@ -16,6 +16,8 @@ from collections.abc import Sequence
 from operator import itemgetter, methodcaller
 from typing import Any
 
+from gradience.telemetry.chunks import own_key_getter
+
 _LOSS = methodcaller("get", "loss")
 
 
@@ -28,12 +30,6 @@ def finite_number(x: Any) -> float | None:
             return None
         return x if math.isfinite(x) else None
     return None
-
-
-def _own_getter(record: dict[str, Any], key: str) -> itemgetter[Any]:
-    """A getter for `key` keyed by the record's own key object: a parser hands out one object
-    per key name, so lookups in the other records match by identity (no string compare)."""
-    return itemgetter(next(k for k in record if k == key))
 
 
 def one_layout(records: list[dict[str, Any]]) -> bool:
@@ -131,7 +127,7 @@ class TrainFold:
                     break
         if merged is last and "loss" in last:
             if self._loss_getter is None:  # built once: the parser keeps handing out the same key
-                self._loss_getter = _own_getter(last, "loss")
+                self._loss_getter = own_key_getter(last, "loss")
             losses = list(map(self._loss_getter, batch))
         else:
             losses = list(map(_LOSS, batch))

@@ -72,12 +72,15 @@ def _chunks(log: Any, strict: bool, problems: ReadProblems | None) -> Iterator[C
                 yield chunk
 
 
-def _envelope_getter(first: dict[str, Any]) -> itemgetter[Any]:
-    """The envelope fields' getter, keyed by the parser's own key objects (taken from a
-    parsed record). orjson hands out one object per key name, so each lookup then
-    matches by identity and skips a string compare: about half the cost of the lookups."""
-    own = dict(zip(first, first, strict=True))
-    return itemgetter(*[own.get(f, f) for f in _FIELDS])
+def own_key_getter(record: dict[str, Any], *names: str) -> itemgetter[Any]:
+    """A getter for `names` keyed by `record`'s own key objects where it has them.
+
+    orjson hands out one object per key name, line after line, so lookups in the other records
+    then match by identity and skip a string compare (about half the cost of a lookup). A name
+    the record lacks, or a later key object that differs, is still found by value.
+    """
+    own = dict(zip(record, record, strict=True))
+    return itemgetter(*[own.get(n, n) for n in names])
 
 
 def _whole_chunk(lines: list[bytes], loads: Any, getter: list[itemgetter[Any]]) -> Chunk | None:
@@ -101,7 +104,7 @@ def _whole_chunk(lines: list[bytes], loads: Any, getter: list[itemgetter[Any]]) 
         return None
     try:
         if not getter:  # a later key object that differs is still found, by a string compare
-            getter.append(_envelope_getter(records[0]))
+            getter.append(own_key_getter(records[0], *_FIELDS))
         schema, seq, step, ts, event, run_id = zip(*map(getter[0], records), strict=True)
         first_run, step_types = run_id[0], set(map(type, step))
         one_run_id = type(first_run) is str and run_id.count(first_run) == n
